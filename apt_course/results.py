@@ -1,0 +1,86 @@
+"""Recording each chapter's measured figures and printing them as one table.
+
+A notebook makes a :class:`ResultsRecorder` in its first cell and calls :meth:`save` at the end; the
+file ``results/<chapter>.json`` holds ``{"chapter", "metrics": {name: number}, "seconds"}``.
+``python -m apt_course report`` prints every recorded chapter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from .utils import repo_root
+
+
+def results_dir() -> Path:
+    """``$APT_COURSE_RESULTS``, else ``results/`` in the course checkout, else ``./results``."""
+    if os.environ.get("APT_COURSE_RESULTS"):
+        return Path(os.environ["APT_COURSE_RESULTS"])
+    root = repo_root()
+    return (root / "results") if root else Path("results")
+
+
+class ResultsRecorder:
+    """Times a chapter from creation and writes its metrics to ``results/<chapter>.json``."""
+
+    def __init__(self, chapter: str, directory: str | Path | None = None):
+        if not chapter or any(c in chapter for c in "/\\ "):
+            raise ValueError(f"chapter name {chapter!r} must be a non-empty file stem like 'ch00_tiny_world'")
+        self.chapter = chapter
+        self.directory = Path(directory) if directory else results_dir()
+        self.start = time.perf_counter()
+        self.metrics: dict[str, float] = {}
+
+    def log(self, **metrics: float) -> None:
+        """Add metrics (numbers only; NaN is refused so a broken run cannot look recorded)."""
+        for name, value in metrics.items():
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise TypeError(f"metric {name!r} must be a number, got {value!r}") from None
+            if math.isnan(value):
+                raise ValueError(f"metric {name!r} is NaN: the measurement failed, look at the cells above")
+            self.metrics[name] = value
+
+    def save(self, **metrics: float) -> Path:
+        self.log(**metrics)
+        record = {
+            "chapter": self.chapter,
+            "metrics": self.metrics,
+            "seconds": round(time.perf_counter() - self.start, 2),
+        }
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"{self.chapter}.json"
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"recorded {len(self.metrics)} metrics in {record['seconds']} s -> {path}")
+        return path
+
+
+def load_results(directory: str | Path | None = None) -> list[dict]:
+    directory = Path(directory) if directory else results_dir()
+    records = []
+    for path in sorted(directory.glob("*.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            print(f"skipping {path}: not valid JSON ({e})")
+    return records
+
+
+def format_report(records: list[dict]) -> str:
+    """One table: a row per chapter, its seconds and its metrics."""
+    if not records:
+        return "no results recorded yet: run a notebook (results go to results/<chapter>.json)"
+    rows = [("chapter", "seconds", "metrics")]
+    for r in records:
+        metrics = "  ".join(f"{k}={v:.4g}" for k, v in r.get("metrics", {}).items())
+        rows.append((r.get("chapter", "?"), f"{r.get('seconds', float('nan')):.1f}", metrics))
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    lines = [f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows]
+    lines.insert(1, "-" * max(len(line) for line in lines))
+    return "\n".join(lines)

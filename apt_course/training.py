@@ -1,0 +1,34 @@
+"""Pieces every from-scratch training loop shares: the optimiser with its schedule, and progress."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from tqdm.auto import tqdm
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, steps: int, warmup: int = 0, weight_decay: float = 0.0):
+    """AdamW over the trainable parameters, with linear warm-up then cosine decay to 10 % of ``lr``."""
+    if lr <= 0 or steps < 1:
+        raise ValueError(f"need lr > 0 and steps >= 1, got lr={lr}, steps={steps}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (all requires_grad=False)")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def progress(iterable, desc: str, total: int | None = None, disable: bool | None = None):
+    """A tqdm progress bar (quiet when ``APT_COURSE_QUIET=1``, e.g. in CI logs)."""
+    if disable is None:
+        disable = os.environ.get("APT_COURSE_QUIET") == "1"
+    return tqdm(iterable, desc=desc, total=total, disable=disable, mininterval=1.0)

@@ -1,0 +1,110 @@
+"""Shared plumbing: device choice, seeding, versions, the offline guard."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def get_device(prefer: str | None = None, verbose: bool = True) -> torch.device:
+    """Pick the best available device: CUDA, then Apple MPS, then CPU (printed).
+
+    ``prefer`` forces one ("cpu", "cuda", "mps"); the env var ``APT_COURSE_DEVICE`` does the same.
+    """
+    prefer = prefer or os.environ.get("APT_COURSE_DEVICE")
+    if prefer:
+        if prefer not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"Unknown device {prefer!r}: use 'cpu', 'cuda' or 'mps' (or leave it unset).")
+        if prefer == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA GPU; use 'cpu' or unset it.")
+        device = torch.device(prefer)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        device = torch.device("mps")
+    else:
+        device = torch.device("cpu")
+    if verbose:
+        name = torch.cuda.get_device_name(0) if device.type == "cuda" else device.type
+        print(f"device: {device} ({name})")
+    return device
+
+
+def get_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that support it, float32 elsewhere (the tiny model trains in float32 on CPU)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) so a run repeats."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries the course runs on."""
+    import importlib.metadata as md
+
+    out = {"python": ".".join(map(str, __import__("sys").version_info[:3]))}
+    for name in ["apt-course", "torch", "transformers", "trl", "peft", "datasets", "tokenizers"]:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def print_versions() -> None:
+    print("  ".join(f"{k} {v}" for k, v in versions().items()))
+
+
+def setup_notebook(seed: int = 0, threads: int | None = None, device: str | None = None) -> torch.device:
+    """The first lines of every notebook: versions, seed, device. Returns the device."""
+    if threads is None:
+        threads = int(os.environ.get("APT_COURSE_THREADS", "0")) or None
+    if threads:
+        torch.set_num_threads(threads)
+    print_versions()
+    set_seed(seed)
+    print(f"seed: {seed}")
+    return get_device(device)
+
+
+def repo_root() -> Path | None:
+    """The course checkout this package was loaded from, if it was (editable install or source tree)."""
+    here = Path(__file__).resolve().parent.parent
+    return here if (here / "pyproject.toml").exists() and (here / "notebooks").is_dir() else None
+
+
+class NetworkBlockedError(RuntimeError):
+    pass
+
+
+_real_connect = socket.socket.connect
+
+
+def _guarded_connect(self, address):  # pragma: no cover - exercised by tests through block_network
+    host = address[0] if isinstance(address, tuple) else address
+    if isinstance(host, str) and (host.startswith("127.") or host in ("localhost", "::1") or "/" in host):
+        return _real_connect(self, address)
+    raise NetworkBlockedError(
+        f"network access to {address!r} is blocked (APT_COURSE_BLOCK_NETWORK=1): the tiny profile must run "
+        "offline. Load models and data from local paths, or unset the variable to allow downloads."
+    )
+
+
+def block_network() -> None:
+    """Refuse every non-loopback socket connection in this process (used by tests and CI)."""
+    socket.socket.connect = _guarded_connect
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -1,0 +1,18 @@
+"""Every test, and every notebook kernel nbmake starts (it inherits the environment), runs offline."""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ["APT_COURSE_BLOCK_NETWORK"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # so that `import solutions.chNN` works
+
+from apt_course.utils import block_network  # noqa: E402
+
+block_network()

@@ -1,0 +1,75 @@
+import json
+import math
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from apt_course.plots import before_after, smooth
+from apt_course.results import ResultsRecorder, format_report, load_results
+from apt_course.training import make_optimizer
+from apt_course.utils import NetworkBlockedError, get_device, set_seed
+
+
+def test_recorder_writes_the_documented_record(tmp_path):
+    rec = ResultsRecorder("ch99_demo", directory=tmp_path)
+    path = rec.save(acc_before=0.1, acc_after=0.9)
+    record = json.loads(path.read_text())
+    assert path.name == "ch99_demo.json"
+    assert record["chapter"] == "ch99_demo" and record["metrics"] == {"acc_before": 0.1, "acc_after": 0.9}
+    assert record["seconds"] >= 0
+    assert "acc_after=0.9" in format_report(load_results(tmp_path))
+
+
+def test_recorder_refuses_nan_and_non_numbers(tmp_path):
+    rec = ResultsRecorder("ch99_demo", directory=tmp_path)
+    with pytest.raises(ValueError, match="NaN"):
+        rec.log(acc=math.nan)
+    with pytest.raises(TypeError, match="must be a number"):
+        rec.log(acc="high")
+    with pytest.raises(ValueError, match="file stem"):
+        ResultsRecorder("ch 00")
+
+
+def test_report_command_prints_every_chapter(tmp_path):
+    ResultsRecorder("ch00_x", directory=tmp_path).save(loss=1.5)
+    ResultsRecorder("ch01_y", directory=tmp_path).save(err=0.0)
+    out = subprocess.run([sys.executable, "-m", "apt_course", "report", "--dir", str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "ch00_x" in out and "ch01_y" in out and "loss=1.5" in out
+
+
+def test_seeding_repeats_and_device_is_cpu_here():
+    set_seed(3)
+    a = torch.rand(3)
+    set_seed(3)
+    assert torch.equal(a, torch.rand(3))
+    assert get_device(verbose=False).type in ("cpu", "cuda", "mps")
+    with pytest.raises(ValueError, match="Unknown device"):
+        get_device("tpu")
+
+
+def test_network_is_blocked_in_tests():
+    with socket.socket() as s, pytest.raises(NetworkBlockedError, match="blocked"):
+        s.connect(("18.239.50.80", 443))  # an address of huggingface.co: refused before any packet leaves
+
+
+def test_schedule_warms_up_then_decays():
+    model = torch.nn.Linear(2, 2)
+    opt, sched = make_optimizer(model, lr=1.0, steps=10, warmup=2)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.5 and lrs[1] == 1.0 and lrs[-1] < lrs[2] and min(lrs) >= 0.1
+    with pytest.raises(ValueError, match="lr > 0"):
+        make_optimizer(model, lr=0, steps=10)
+
+
+def test_smooth_and_before_after():
+    assert smooth([1, 2, 3, 4], 2) == [1, 1.5, 2.5, 3.5]
+    table = before_after({"acc": 0.2}, {"acc": 0.9})
+    assert table.loc["acc", "change"] == pytest.approx(0.7)
