@@ -1,0 +1,268 @@
+"""Chapter 04 core: supervised fine-tuning with the completion-only loss, from scratch and with TRL/PEFT.
+
+Each example is an instruction (``prompt``, the user's text) and a ``completion``; the chat template
+turns it into ``<|user|>prompt<|assistant|>completion<eos>`` and only the completion's tokens are
+learned (see :func:`apt_course.lm.completion_loss`).
+
+* :func:`train_sft` / :class:`SFTConfig`: the from-scratch loop;
+* :func:`run_trl_sft` / :class:`TRLSFTConfig`: the same data through ``trl.SFTTrainer`` (prompt–completion
+  or conversational format), :func:`trl_sft_loss_on_batch` for the parity check;
+* :func:`add_lora`, :func:`merge_and_save`: LoRA adapters with PEFT;
+* :func:`coig_to_sft`, :func:`load_apt_instructions`: real instruction data (COIG-CQIA, APT JSON) to records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .lm import build_batch, completion_loss
+from .tokenizer import chat_prompt, messages_for
+from .training import make_optimizer, progress
+
+
+@dataclass
+class SFTConfig:
+    """Settings of :func:`train_sft`.
+
+    steps: optimiser steps; batch_size: examples per step; lr: peak learning rate (warm-up, cosine);
+    seed: the order of the examples.
+    """
+
+    steps: int = 400
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup: int = 20
+    weight_decay: float = 0.0
+    seed: int = 0
+    log_every: int = 10
+
+
+def to_sft_pairs(examples: list[dict]) -> tuple[list[str], list[str]]:
+    """Tiny-world records (``prompt`` + ``answer`` or ``completion``, optional ``system``) to
+    chat-formatted prompts and completions."""
+    if not examples:
+        raise ValueError("no SFT examples: the dataset has zero rows")
+    prompts, completions = [], []
+    for i, ex in enumerate(examples):
+        completion = ex.get("completion", ex.get("answer"))
+        if "prompt" not in ex or completion is None:
+            raise KeyError(f"row {i} needs 'prompt' and 'completion' (or 'answer'); it has {sorted(ex)}")
+        if not str(ex["prompt"]).strip() or not str(completion).strip():
+            raise ValueError(f"row {i} has an empty prompt or completion: fill it in or drop the row")
+        prompts.append(chat_prompt(ex["prompt"], ex.get("system")))
+        completions.append(str(completion))
+    return prompts, completions
+
+
+def train_sft(model, tokenizer, examples: list[dict], config: SFTConfig = SFTConfig()) -> dict:
+    """Fine-tune on instruction examples with the completion-only loss.
+
+    Returns the history ``{"step": [...], "loss": [...]}``.
+    """
+    prompts, completions = to_sft_pairs(examples)
+    device = next(model.parameters()).device
+    rng = random.Random(config.seed)
+    opt, sched = make_optimizer(model, config.lr, config.steps, config.warmup, config.weight_decay)
+    history = {"step": [], "loss": []}
+    model.train()
+    for step in progress(range(config.steps), "SFT"):
+        idx = rng.sample(range(len(prompts)), min(config.batch_size, len(prompts)))
+        batch = build_batch(tokenizer, [prompts[i] for i in idx], [completions[i] for i in idx], device=device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = completion_loss(logits, batch["labels"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % config.log_every == 0 or step == config.steps - 1:
+            history["step"].append(step)
+            history["loss"].append(loss.item())
+    return history
+
+
+# ---------------------------------------------------------------- the same data for TRL
+
+def to_trl_dataset(examples: list[dict], conversational: bool = False):
+    """Instruction records as a ``datasets.Dataset`` in one of TRL's prompt–completion formats.
+
+    ``conversational=False``: ``{"prompt": "<|user|>add 3 5<|assistant|>", "completion": "8"}`` (the chat
+    template already applied; TRL appends EOS to the completion).
+    ``conversational=True``:  ``{"prompt": [{"role": "user", ...}], "completion": [{"role": "assistant", ...}]}``
+    (TRL applies the tokenizer's chat template itself). Both give the same token ids as :func:`to_sft_pairs`
+    + :func:`apt_course.lm.build_batch` with the course tokenizer (a test checks it).
+    """
+    from datasets import Dataset
+
+    prompts, completions = to_sft_pairs(examples)
+    if not conversational:
+        return Dataset.from_dict({"prompt": prompts, "completion": completions})
+    rows = {"prompt": [], "completion": []}
+    for ex, completion in zip(examples, completions):
+        rows["prompt"].append(messages_for(str(ex["prompt"]), ex.get("system")))
+        rows["completion"].append([{"role": "assistant", "content": completion}])
+    return Dataset.from_dict(rows)
+
+
+@dataclass
+class TRLSFTConfig:
+    """Settings of :func:`run_trl_sft` (mapped onto ``trl.SFTConfig``).
+
+    steps: optimiser steps (``max_steps``); batch_size: ``per_device_train_batch_size``; lr: peak learning
+    rate (warm-up ``warmup``, cosine decay); conversational: feed TRL the ``messages`` format instead of
+    pre-templated strings; log_every: ``logging_steps``; extra: any other ``trl.SFTConfig`` field.
+    """
+
+    steps: int = 100
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup: int = 10
+    weight_decay: float = 0.0
+    seed: int = 0
+    conversational: bool = False
+    log_every: int = 10
+    extra: dict = field(default_factory=dict)
+
+
+def make_trl_sft_trainer(model, tokenizer, examples: list[dict], config: TRLSFTConfig = TRLSFTConfig(),
+                         peft_config=None, output_dir: str | None = None):
+    """A ``trl.SFTTrainer`` on the same data as :func:`train_sft`, completion-only loss, quiet, CPU-friendly."""
+    from trl import SFTConfig as TrlSFTConfig
+    from trl import SFTTrainer
+
+    use_cpu = next(model.parameters()).device.type == "cpu"
+    args = TrlSFTConfig(
+        output_dir=output_dir or os.path.join(tempfile.gettempdir(), "apt_course_trl_sft"), max_steps=config.steps,
+        per_device_train_batch_size=config.batch_size, learning_rate=config.lr, warmup_steps=config.warmup,
+        lr_scheduler_type="cosine", weight_decay=config.weight_decay, seed=config.seed,
+        logging_steps=config.log_every, completion_only_loss=True, save_strategy="no", report_to="none",
+        use_cpu=use_cpu, disable_tqdm=os.environ.get("APT_COURSE_QUIET") == "1", dataloader_num_workers=0,
+        max_length=min(tokenizer.model_max_length, 1024), **config.extra,
+    )
+    dataset = to_trl_dataset(examples, conversational=config.conversational)
+    return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                      peft_config=peft_config)
+
+
+@torch.no_grad()
+def heldout_loss(model, tokenizer, examples: list[dict], batch_size: int = 64) -> float:
+    """Mean completion-only loss on held-out examples (token-weighted), the metric for data without exact answers."""
+    prompts, completions = to_sft_pairs(examples)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(prompts), batch_size):
+        batch = build_batch(tokenizer, prompts[i:i + batch_size], completions[i:i + batch_size], device=device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += completion_loss(logits, batch["labels"]).item() * n
+        count += n
+    model.train(was_training)
+    return total / count
+
+
+def run_trl_sft(model, tokenizer, examples: list[dict], config: TRLSFTConfig = TRLSFTConfig(), peft_config=None):
+    """Fine-tune with TRL's ``SFTTrainer``; returns ``(trained model, history {"step", "loss"})``.
+
+    With ``peft_config`` (a ``peft.LoraConfig``) the returned model is the ``PeftModel`` TRL trained.
+    """
+    trainer = make_trl_sft_trainer(model, tokenizer, examples, config, peft_config)
+    trainer.train()
+    logs = [r for r in trainer.state.log_history if "loss" in r]
+    history = {"step": [r["step"] for r in logs], "loss": [r["loss"] for r in logs]}
+    return trainer.model, history
+
+
+def trl_sft_loss_on_batch(trainer, n: int | None = None) -> tuple[torch.Tensor, dict]:
+    """The loss TRL's ``SFTTrainer.compute_loss`` gives the first ``n`` rows of its train set, in order,
+    and the collated batch it saw (``input_ids``, ``labels``, ...)."""
+    rows = [trainer.train_dataset[i] for i in range(n or len(trainer.train_dataset))]
+    batch = trainer.data_collator(rows)
+    device = next(trainer.model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+    return loss, batch
+
+
+# ---------------------------------------------------------------- LoRA with PEFT
+
+def add_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.0,
+             target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"), seed: int = 0):
+    """Wrap ``model`` with LoRA adapters: W x + (alpha / r) · B A x, A ∈ R^{r×in}, B ∈ R^{out×r}, B = 0 at start.
+
+    Only A and B train: each adapted ``Linear(in, out)`` adds r·(in + out) parameters.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def merge_and_save(peft_model, tokenizer, path) -> Path:
+    """Fold the adapters into the weights (W ← W + (alpha/r) B A) and save a plain model ``from_pretrained``
+    loads with no PEFT at all."""
+    from .model import save_model
+
+    merged = peft_model.merge_and_unload()
+    return save_model(merged, tokenizer, path)
+
+
+# ---------------------------------------------------------------- real instruction data (GPU profile)
+
+COIG_FIELDS = ("instruction", "input", "output")
+
+
+def coig_to_sft(rows) -> list[dict]:
+    """COIG-CQIA rows (``instruction``, ``input``, ``output``, ``task_type``, ``domain``, ``metadata``,
+    ``answer_from``, ``human_verified``, ``copyright``) to ``{"prompt", "completion"}`` records.
+
+    prompt = instruction, plus a blank line and ``input`` when ``input`` is not empty. Also serves Alpaca-style
+    data (the same three fields).
+    """
+    rows = list(rows)
+    if not rows:
+        raise ValueError("the instruction dataset has zero rows: check the split/config you loaded")
+    out = []
+    for i, row in enumerate(rows):
+        missing = [f for f in ("instruction", "output") if f not in row]
+        if missing:
+            raise KeyError(f"row {i} has no column(s) {missing}; an instruction row needs {COIG_FIELDS} "
+                           f"(input may be empty); it has {sorted(row)}")
+        instruction, extra = str(row["instruction"] or "").strip(), str(row.get("input") or "").strip()
+        output = str(row["output"] or "").strip()
+        if not instruction or not output:
+            col = "instruction" if not instruction else "output"
+            raise ValueError(f"row {i}: column {col!r} is empty; fill it in or drop the row")
+        out.append({"prompt": f"{instruction}\n\n{extra}" if extra else instruction, "completion": output})
+    return out
+
+
+def load_apt_instructions(source) -> list[dict]:
+    """The APT instruction format, a JSON file (or the parsed dict):
+    ``{"instructions": [{"instruction": ..., "input": ..., "output": ...}, ...]}`` -> SFT records."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"APT instruction file {path} does not exist")
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise ValueError(f"APT instruction file {path} is empty: it should hold "
+                             '{"instructions": [{"instruction": ..., "input": ..., "output": ...}]}')
+        data = json.loads(text)
+    else:
+        data = source
+    if not isinstance(data, dict) or "instructions" not in data:
+        raise KeyError('an APT instruction file is a JSON object with an "instructions" list; '
+                       f"got {type(data).__name__} with keys {sorted(data) if isinstance(data, dict) else '-'}")
+    return coig_to_sft(data["instructions"])
