@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .training import make_optimizer, progress
+from .training import make_optimizer, optimizer_step, progress
 
 
 @dataclass
@@ -70,11 +70,7 @@ def pretrain(model, tokenizer, texts: list[str], config: PretrainConfig = Pretra
     for step in progress(range(config.steps), "pretraining"):
         idx = torch.randint(len(data), (config.batch_size,), generator=gen)
         loss = lm_loss(model, data[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, model, opt, sched)
         if step % config.log_every == 0 or step == config.steps - 1:
             history["step"].append(step)
             history["loss"].append(loss.item())

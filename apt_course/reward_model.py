@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .preference_data import validate_pairs
 from .tokenizer import CHAT_TEMPLATE, chat_prompt, messages_for
-from .training import make_optimizer, progress
+from .training import make_optimizer, optimizer_step, progress
 
 # ---------------------------------------------------------------- model and inputs
 
@@ -157,11 +157,7 @@ def train_reward_model(model, tokenizer, pairs: list[dict], config: RewardConfig
         completions = [p["chosen"] for p in batch_pairs] + [p["rejected"] for p in batch_pairs]
         r = rewards(model, reward_batch(tokenizer, prompts, completions, systems, device))
         loss = bradley_terry_loss(r[:n], r[n:], center_coefficient=config.center_coefficient)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, model, opt, sched)
         if step % config.log_every == 0 or step == config.steps - 1:
             diff = (r[:n] - r[n:]).detach()
             history["step"].append(step)

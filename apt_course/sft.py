@@ -24,7 +24,7 @@ import torch
 
 from .lm import build_batch, completion_loss
 from .tokenizer import chat_prompt, messages_for
-from .training import make_optimizer, progress
+from .training import make_optimizer, optimizer_step, progress
 
 
 @dataclass
@@ -77,11 +77,7 @@ def train_sft(model, tokenizer, examples: list[dict], config: SFTConfig = SFTCon
         batch = build_batch(tokenizer, [prompts[i] for i in idx], [completions[i] for i in idx], device=device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss = completion_loss(logits, batch["labels"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, model, opt, sched)
         if step % config.log_every == 0 or step == config.steps - 1:
             history["step"].append(step)
             history["loss"].append(loss.item())

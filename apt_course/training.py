@@ -27,6 +27,19 @@ def make_optimizer(model: torch.nn.Module, lr: float, steps: int, warmup: int = 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, opt, sched=None, max_grad_norm: float | None = 1.0) -> float:
+    """One update: clear the gradients, back-propagate ``loss``, clip the global gradient norm to
+    ``max_grad_norm`` (None: no clipping), step the optimiser and the schedule. Returns ``loss.item()``."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    opt.step()
+    if sched is not None:
+        sched.step()
+    return loss.item()
+
+
 def progress(iterable, desc: str, total: int | None = None, disable: bool | None = None):
     """A tqdm progress bar (quiet when ``APT_COURSE_QUIET=1``, e.g. in CI logs)."""
     if disable is None:
