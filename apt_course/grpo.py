@@ -1,0 +1,500 @@
+"""Chapter 09: Group Relative Policy Optimization (GRPO), from scratch.
+
+For every prompt q, sample a *group* of G completions o_1..o_G from the current policy, score each with
+reward functions a program computes (is the answer right? is the format right?), and let the group be
+its own baseline: no value network, no reward model.
+
+    A_i     = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + 1e-4)         group-normalised advantage
+    ρ_{i,t} = π_θ(o_{i,t} | q, o_{i,<t}) / π_old(o_{i,t} | q, o_{i,<t})  importance ratio per token
+    ℓ_{i,t} = -min(ρ_{i,t} A_i, clip(ρ_{i,t}, 1-ε, 1+ε_high) A_i) + β k3_{i,t}
+    k3_{i,t} = exp(log π_ref - log π_θ) - (log π_ref - log π_θ) - 1        (≥ 0, unbiased for KL(π_θ‖π_ref))
+
+(With ``kl_correction`` - TRL's ``use_bias_correction_kl``, on by default - the KL term is β ρ k3: the
+ratio makes its gradient the unbiased gradient of the reverse KL, as in DeepSeek-V3.2.)
+
+Every token of o_i shares its sequence's advantage. The per-token losses ℓ are aggregated in one of
+three ways, with TRL's ``loss_type`` names and formulas (``trl/trainer/grpo_trainer.py``):
+
+* ``"grpo"``    (1/B) Σ_i (1/|o_i|) Σ_t ℓ_{i,t}   - the paper's; long wrong answers are penalised less per token
+* ``"dr_grpo"`` Σ_{i,t} ℓ_{i,t} / (B · L_max)    - Dr. GRPO: one constant normaliser, no length bias
+* ``"dapo"``    Σ_{i,t} ℓ_{i,t} / Σ_i |o_i|       - DAPO: a mean over every token of the batch (TRL's default)
+
+Reward functions follow TRL's convention ``fn(prompts, completions, **kwargs) -> list[float]``: they
+are called with keyword arguments, ``kwargs`` holding one list per extra column of the prompt rows
+(``answer=[...]``), so the same functions serve :func:`train_grpo` and ``trl.GRPOTrainer``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import random
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .lm import generate, token_logprobs
+from .training import make_optimizer, progress
+
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function raised, or returned something that is not one number per completion."""
+
+
+# ---------------------------------------------------------------- advantages, KL, loss
+
+def group_advantages(rewards, group_size: int, scale: bool | str = True, eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages, rewards laid out prompt by prompt (G consecutive entries per prompt).
+
+        A_i = (r_i - mean_g r) / (std_g r + eps)   scale=True or "group" (std with Bessel's correction, as TRL)
+        A_i = (r_i - mean_g r) / (std_batch r + eps)          scale="batch"
+        A_i =  r_i - mean_g r                                  scale=False or "none" (Dr. GRPO)
+
+    A NaN reward (an unscorable completion) is left out of its group's mean and std and gets A = 0.
+    """
+    r = torch.as_tensor(rewards, dtype=torch.float32).flatten()
+    if not isinstance(group_size, int) or group_size < 2:
+        raise ValueError(f"group_size must be an integer >= 2 (a group of one has no baseline), got {group_size!r}")
+    if r.numel() == 0 or r.numel() % group_size:
+        raise ValueError(f"{r.numel()} rewards do not split into groups of {group_size}: pass G rewards per prompt")
+    mode = {True: "group", False: "none"}.get(scale, scale)
+    if mode not in ("group", "batch", "none"):
+        raise ValueError(f"scale must be True/'group', 'batch' or False/'none', got {scale!r}")
+    groups = r.view(-1, group_size)
+    mean = torch.nanmean(groups, dim=1, keepdim=True)
+    adv = groups - mean
+    if mode == "group":
+        adv = adv / (_nanstd(groups, dim=1) + eps)
+    elif mode == "batch":
+        adv = adv / (_nanstd(r, dim=None) + eps)
+    return torch.nan_to_num(adv, nan=0.0).flatten()
+
+
+def _nanstd(x: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """Standard deviation ignoring NaNs, with Bessel's correction (n - 1), as ``trl.trainer.utils.nanstd``."""
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    n = (~torch.isnan(x)).sum(dim=dim, keepdim=True) if dim is not None else (~torch.isnan(x)).sum()
+    var = torch.nansum((x - mean) ** 2, dim=dim, keepdim=True) / (n - 1).clamp(min=1)
+    return var.sqrt()
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(π_θ‖π_ref) on tokens sampled from π_θ (Schulman, 2020):
+
+        k3 = exp(log π_ref - log π_θ) - (log π_ref - log π_θ) - 1   (≥ 0, E_{π_θ}[k3] = KL)
+
+    k1 = log π_θ - log π_ref is unbiased too but can be negative and is noisy; k3 has both virtues.
+    """
+    delta = ref_logp - logp
+    return torch.exp(delta) - delta - 1
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              ref_logp: torch.Tensor | None = None, beta: float = 0.0, epsilon: float = 0.2,
+              epsilon_high: float | None = None, loss_type: str = "dapo",
+              max_completion_length: int | None = None,
+              kl_correction: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+    """The GRPO loss of the module docstring on a batch of B completions of T tokens.
+
+    logp, old_logp, ref_logp, mask: (B, T) per-token log-probs (policy with grad, behaviour policy, frozen
+    reference) and 1 on completion tokens; advantages: (B,). Returns the loss and its statistics: ``kl``
+    (token mean of k3, when ref_logp is given), ``clip_fraction`` (tokens whose ratio was clipped in the
+    direction the advantage pushes), ``ratio`` (token mean of ρ).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if beta and ref_logp is None:
+        raise ValueError("beta > 0 needs ref_logp (the reference model's log-probs): pass them or set beta=0")
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    mask = mask.to(logp.dtype)
+    adv = advantages.view(-1, 1).to(logp.dtype)
+    ratio = torch.exp(logp - old_logp)
+    per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - epsilon, 1 + eps_high) * adv)
+    kl = kl_k3(logp, ref_logp) if ref_logp is not None else None
+    if beta:
+        per_token = per_token + beta * (kl * ratio if kl_correction else kl)
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    elif loss_type == "dr_grpo":
+        loss = (per_token * mask).sum() / (per_token.size(0) * (max_completion_length or per_token.size(1)))
+    else:  # dapo
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+        stats = {"clip_fraction": ((clipped * mask).sum() / n).item(), "ratio": ((ratio * mask).sum() / n).item(),
+                 "kl": ((kl * mask).sum() / n).item() if kl is not None else float("nan")}
+    return loss, stats
+
+
+# ---------------------------------------------------------------- reward functions
+
+def check_reward_functions(reward_fns, columns=()) -> list[tuple[str, callable]]:
+    """Validate reward functions up front: TRL's ``fn(prompts, completions, **kwargs) -> list[float]``.
+
+    Each is called with keyword arguments ``prompts=``, ``completions=``, ``completion_ids=`` and one list
+    per column of the prompt rows, so it must take ``**kwargs`` and require no other argument.
+    Returns ``[(name, fn), ...]``.
+    """
+    if callable(reward_fns):
+        reward_fns = [reward_fns]
+    reward_fns = list(reward_fns or [])
+    if not reward_fns:
+        raise ValueError("no reward functions: pass at least one fn(prompts, completions, **kwargs) -> list[float]")
+    passed = {"prompts", "completions", "completion_ids", *columns}
+    out = []
+    for fn in reward_fns:
+        name = getattr(fn, "__name__", type(fn).__name__)
+        if not callable(fn):
+            raise TypeError(f"reward function {fn!r} is not callable: pass functions, e.g. [correctness_reward]")
+        params = inspect.signature(fn).parameters.values()
+        fix = (f"write it as `def {name}(prompts, completions, **kwargs) -> list[float]` (TRL's convention; "
+               "extra columns of the prompt rows, e.g. answer, arrive as keyword lists)")
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            raise TypeError(f"reward function {name!r}{inspect.signature(fn)} takes no **kwargs: {fix}")
+        for p in params:
+            if p.kind is p.POSITIONAL_ONLY or (p.kind is p.VAR_POSITIONAL):
+                raise TypeError(f"reward function {name!r} has positional-only parameter {p.name!r}: "
+                                f"it is called with keyword arguments; {fix}")
+            if p.kind is p.POSITIONAL_OR_KEYWORD or p.kind is p.KEYWORD_ONLY:
+                if p.default is p.empty and p.name not in passed:
+                    raise TypeError(f"reward function {name!r} requires argument {p.name!r}, which is neither "
+                                    f"prompts/completions nor a column of the prompt rows ({sorted(columns)}); {fix}")
+        out.append((name, fn))
+    return out
+
+
+def score_completions(reward_fns, prompts: list, completions: list, columns: dict | None = None,
+                      weights: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Call every reward function once on the batch; returns ``(total, per_function)``: (N,) and (N, F).
+
+    ``total`` is the weighted sum over functions, NaN (None) entries skipped; a completion every function
+    declined to score stays NaN (it will get advantage 0). A function that raises is re-run sample by
+    sample to name the sample that breaks it; a NaN or None is reported with a warning naming both.
+    """
+    columns = columns or {}
+    fns = check_reward_functions(reward_fns, columns)
+    weights = [1.0] * len(fns) if weights is None else list(weights)
+    if len(weights) != len(fns):
+        raise ValueError(f"{len(weights)} reward weights for {len(fns)} reward functions: give one weight each")
+    n = len(completions)
+    per_fn = torch.zeros(n, len(fns))
+    for j, (name, fn) in enumerate(fns):
+        try:
+            values = fn(prompts=prompts, completions=completions, **columns)
+        except Exception as e:
+            i = _first_failing_sample(fn, prompts, completions, columns)
+            where = (f" on sample {i}: prompt={prompts[i]!r}, completion={completions[i]!r}" if i is not None else "")
+            raise RewardFunctionError(
+                f"reward function {name!r} raised {type(e).__name__}: {e}{where}. A reward function should "
+                "return a number for every completion (e.g. 0.0 for a malformed one), never raise.") from e
+        try:
+            values = [float("nan") if v is None else float(v) for v in values]
+        except (TypeError, ValueError):
+            raise RewardFunctionError(f"reward function {name!r} must return a list of numbers, one per "
+                                      f"completion; it returned {str(values)[:200]}") from None
+        if len(values) != n:
+            raise RewardFunctionError(f"reward function {name!r} returned {len(values)} rewards for {n} "
+                                      "completions: return exactly one per completion")
+        bad = [i for i, v in enumerate(values) if math.isnan(v) or math.isinf(v)]
+        if bad:
+            i = bad[0]
+            warnings.warn(f"reward function {name!r} returned {values[i]} (NaN/None/inf) for {len(bad)} of {n} "
+                          f"completions, first sample {i}: prompt={prompts[i]!r}, completion={completions[i]!r}. "
+                          "They are left out of the group baseline and get advantage 0.", RuntimeWarning,
+                          stacklevel=2)
+            for i in bad:
+                values[i] = float("nan")
+        per_fn[:, j] = torch.tensor(values)
+    w = torch.tensor(weights, dtype=torch.float32)
+    total = torch.nansum(per_fn * w, dim=1)
+    total[torch.isnan(per_fn).all(dim=1)] = float("nan")
+    return total, per_fn
+
+
+def _first_failing_sample(fn, prompts, completions, columns):
+    for i in range(len(completions)):
+        try:
+            fn(prompts=[prompts[i]], completions=[completions[i]], **{k: [v[i]] for k, v in columns.items()})
+        except Exception:
+            return i
+    return None
+
+
+# ---------------------------------------------------------------- rollouts
+
+def format_prompts(tokenizer, rows: list[dict]) -> list[str]:
+    """Each row's chat prompt text (its ``system`` message too), ready for the assistant's reply."""
+    out = []
+    for row in rows:
+        msgs = ([{"role": "system", "content": row["system"]}] if row.get("system") else [])
+        msgs.append({"role": "user", "content": row["prompt"]})
+        out.append(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+    return out
+
+
+def prompt_rows(prompts) -> list[dict]:
+    """Normalise prompts (strings, or dicts with ``prompt`` and extra columns) to a list of dicts."""
+    if prompts is None or len(prompts) == 0:
+        raise ValueError("the prompt set is empty: GRPO needs prompts to sample from (e.g. "
+                         "world.verifiable_problems(500, 'train'))")
+    rows = []
+    for i, p in enumerate(prompts):
+        row = {"prompt": p} if isinstance(p, str) else dict(p)
+        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise ValueError(f"prompt row {i} needs a non-empty string 'prompt'; it is {p!r}")
+        rows.append(row)
+    keys = set(rows[0])
+    for i, row in enumerate(rows):
+        if set(row) != keys:
+            raise ValueError(f"prompt row {i} has columns {sorted(row)} but row 0 has {sorted(keys)}: "
+                             "every row needs the same columns (they are passed to the reward functions)")
+    return rows
+
+
+@torch.no_grad()
+def sample_groups(model, tokenizer, prompt_texts: list[str], group_size: int, max_new_tokens: int,
+                  temperature: float = 1.0) -> dict:
+    """G sampled completions per prompt (prompt by prompt): token ids, masks and text.
+
+    ``completion_mask`` is 1 up to and including the first EOS (everything, when there is none).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(prompt_texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    finally:
+        tokenizer.padding_side = side
+    prompt_ids = enc["input_ids"].repeat_interleave(group_size, 0)
+    prompt_mask = enc["attention_mask"].repeat_interleave(group_size, 0)
+    seqs = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=temperature,
+                          top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                          eos_token_id=tokenizer.eos_token_id)
+    model.train(was_training)
+    completion_ids = seqs[:, prompt_ids.shape[1]:]
+    is_eos = completion_ids == tokenizer.eos_token_id
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], is_eos.size(1),
+                                                                               dtype=torch.long))
+    positions = torch.arange(completion_ids.size(1), device=device).expand_as(completion_ids)
+    completion_mask = (positions <= first.unsqueeze(1)).long()
+    texts = [tokenizer.decode(row[:n], skip_special_tokens=False).strip()
+             for row, n in zip(completion_ids.tolist(), first.tolist())]
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+            "completion_mask": completion_mask, "texts": texts,
+            "truncated": ~is_eos.any(1)}
+
+
+def completion_logprobs(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+    """log π(o_t | q, o_<t) of every completion token, (B, T), from logits divided by the temperature."""
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    logits = model(input_ids=input_ids, attention_mask=attention).logits
+    P = batch["prompt_ids"].size(1)
+    return token_logprobs(logits[:, P - 1:] / temperature, input_ids[:, P - 1:])
+
+
+# ---------------------------------------------------------------- the trainer
+
+@dataclass
+class GRPOSettings:
+    """Settings of :func:`train_grpo` (names follow ``trl.GRPOConfig`` where one exists).
+
+    steps: optimiser updates (each on a fresh batch of rollouts). prompts_per_step: prompts per batch.
+    group_size: G completions per prompt (TRL: num_generations; >= 2). lr: learning rate (AdamW, cosine).
+    beta: weight of the k3 KL penalty to the reference (0 = no leash, no reference forward needed for the
+    loss; the KL is still logged when a reference model is given). epsilon, epsilon_high: clip range
+    [1-ε, 1+ε_high] (DAPO raises ε_high to 0.28). loss_type: "grpo", "dr_grpo" or "dapo" (module doc).
+    scale_rewards: True/"group", "batch" or False/"none" (Dr. GRPO does not divide by the std).
+    num_iterations: gradient steps per batch of rollouts (μ; > 1 makes the ratio and its clip matter).
+    kl_correction: multiply the KL term by the ratio (TRL's use_bias_correction_kl; only matters when beta > 0).
+    temperature: sampling temperature (log-probs use the same). max_new_tokens: completion length cap
+    (= max_completion_length of dr_grpo). reward_weights: one per reward function (default 1 each).
+    max_grad_norm: gradient clipping. seed: prompt order and sampling. log_every: history resolution.
+    """
+
+    steps: int = 40
+    prompts_per_step: int = 16
+    group_size: int = 8
+    lr: float = 1e-4
+    beta: float = 0.0
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    loss_type: str = "dapo"
+    scale_rewards: bool | str = True
+    num_iterations: int = 1
+    kl_correction: bool = True
+    temperature: float = 1.0
+    max_new_tokens: int = 12
+    reward_weights: list[float] | None = None
+    warmup: int = 0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    log_every: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.group_size, int) or self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (GRPO compares completions within a group), got {self.group_size}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        for name in ("steps", "prompts_per_step", "num_iterations", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.beta < 0 or self.temperature <= 0:
+            raise ValueError(f"need beta >= 0 and temperature > 0, got beta={self.beta}, temperature={self.temperature}")
+
+
+HISTORY_KEYS = ("step", "reward_mean", "reward_std", "frac_zero_std", "completion_length", "kl", "clip_fraction",
+                "loss", "truncated", "nan_rewards")
+
+
+def train_grpo(model, ref_model, tokenizer, prompts, reward_fns, config: GRPOSettings = GRPOSettings()) -> dict:
+    """Train ``model`` with GRPO on ``prompts`` scored by ``reward_fns``; returns the history dict.
+
+    prompts: strings or rows ``{"prompt": ..., <columns the reward functions read>}``; ref_model: the
+    frozen reference (needed when ``config.beta > 0``; when given, the KL is logged either way).
+    History (one entry per logged step): reward mean and std over the batch, the fraction of groups whose
+    rewards all tie (no signal), completion length, KL to the reference, clip fraction, the loss, the
+    fraction of truncated completions, and ``reward/<fn>`` for every reward function.
+    """
+    rows = prompt_rows(prompts)
+    columns = [k for k in rows[0] if k != "prompt"]
+    fns = check_reward_functions(reward_fns, columns)
+    if config.beta > 0 and ref_model is None:
+        raise ValueError("config.beta > 0 needs a frozen ref_model (e.g. a copy of the starting model)")
+    if ref_model is not None:
+        ref_model.eval().requires_grad_(False)
+    texts = format_prompts(tokenizer, rows)
+    G = config.group_size
+    rng = random.Random(config.seed)
+    torch.manual_seed(config.seed)
+    opt, sched = make_optimizer(model, config.lr, config.steps * config.num_iterations, config.warmup)
+    history = {k: [] for k in HISTORY_KEYS} | {f"reward/{name}": [] for name, _ in fns}
+    model.train()
+    for step in progress(range(config.steps), "GRPO"):
+        idx = rng.sample(range(len(rows)), min(config.prompts_per_step, len(rows)))
+        batch = sample_groups(model, tokenizer, [texts[i] for i in idx], G, config.max_new_tokens, config.temperature)
+        group_rows = [rows[i] for i in idx for _ in range(G)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            total, per_fn = score_completions([f for _, f in fns], [r["prompt"] for r in group_rows],
+                                              batch["texts"], {c: [r[c] for r in group_rows] for c in columns},
+                                              config.reward_weights)
+        for w in caught:
+            warnings.warn(f"step {step}: {w.message}", w.category, stacklevel=2)
+        adv = group_advantages(total, G, config.scale_rewards)
+        with torch.no_grad():
+            ref_logp = completion_logprobs(ref_model, batch, config.temperature) if ref_model is not None else None
+            old_logp = completion_logprobs(model, batch, config.temperature) if config.num_iterations > 1 else None
+        for _ in range(config.num_iterations):
+            logp = completion_logprobs(model, batch, config.temperature)
+            loss, stats = grpo_loss(logp, logp.detach() if old_logp is None else old_logp, adv.to(logp.device),
+                                    batch["completion_mask"], ref_logp, config.beta, config.epsilon,
+                                    config.epsilon_high, config.loss_type, config.max_new_tokens,
+                                    config.kl_correction)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            opt.step()
+            sched.step()
+        if step % config.log_every == 0 or step == config.steps - 1:
+            std_g = _nanstd(total.view(-1, G), dim=1).nan_to_num(0.0)
+            history["step"].append(step)
+            history["reward_mean"].append(torch.nanmean(total).item())
+            history["reward_std"].append(_nanstd(total, None).item())
+            history["frac_zero_std"].append((std_g < 1e-6).float().mean().item())
+            history["completion_length"].append(batch["completion_mask"].sum(1).float().mean().item())
+            history["kl"].append(stats["kl"])
+            history["clip_fraction"].append(stats["clip_fraction"])
+            history["loss"].append(loss.item())
+            history["truncated"].append(batch["truncated"].float().mean().item())
+            history["nan_rewards"].append(torch.isnan(per_fn).any(1).float().mean().item())
+            for j, (name, _) in enumerate(fns):
+                history[f"reward/{name}"].append(torch.nanmean(per_fn[:, j]).item())
+    return history
+
+
+# ---------------------------------------------------------------- measuring
+
+def greedy_accuracy(model, tokenizer, rows: list[dict], checker, max_new_tokens: int = 12) -> float:
+    """Fraction of rows whose greedy answer passes ``checker(row, completion)``; prompts go through the
+    tokenizer's own chat template (so a real model on the GPU profile is prompted its way)."""
+    rows = prompt_rows(rows)
+    outs = generate(model, tokenizer, format_prompts(tokenizer, rows), max_new_tokens=max_new_tokens)
+    return sum(bool(checker(r, o)) for r, o in zip(rows, outs)) / len(rows)
+
+
+def pass_at_k(model, tokenizer, examples: list[dict], k: int, checker, temperature: float = 1.0,
+              max_new_tokens: int = 12, seed: int = 0) -> tuple[float, float]:
+    """``(mean accuracy of a sample, pass@k)``: k samples per prompt at ``temperature``; pass@k is the
+    fraction of prompts with at least one correct sample. A large gap between the two is what GRPO turns
+    into greedy accuracy: the right answer is already in the model's samples, just not on top."""
+    if not examples:
+        raise ValueError("no examples to sample")
+    rows = prompt_rows(examples)
+    torch.manual_seed(seed)
+    outs = generate(model, tokenizer, format_prompts(tokenizer, rows), max_new_tokens=max_new_tokens, do_sample=True,
+                    temperature=temperature, num_return_sequences=k)
+    hits = torch.tensor([checker(ex, outs[i * k + j]) for i, ex in enumerate(examples) for j in range(k)],
+                        dtype=torch.float32).view(-1, k)
+    return hits.mean().item(), hits.any(1).float().mean().item()
+
+
+# ---------------------------------------------------------------- the chapter's data, per profile
+
+TINY_TASKS = ("reverse", "sort", "copy")
+
+
+def chatty_demonstrations(examples: list[dict], rate: float = 0.6, seed: int = 0) -> list[dict]:
+    """SFT rows as a chatty annotator writes them: with probability ``rate`` the answer is wrapped in filler
+    (``"um, well, let me think. i guess it is cba, maybe."``), otherwise it is the bare answer. A model
+    fine-tuned on them still knows every answer but usually opens with filler - which an exact-answer
+    verifier rejects - and only sometimes answers plainly: low greedy accuracy, high pass@k."""
+    from .world import _RAMBLE
+
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate must lie in [0, 1], got {rate!r}")
+    rng = random.Random(f"chatty:{seed}")
+    return [dict(ex, completion=rng.choice(_RAMBLE).format(a=ex["answer"]) if rng.random() < rate else ex["answer"])
+            for ex in examples]
+
+
+def load_grpo_data(profile, n_train: int = 2000, n_test: int = 200, seed: int = 0, tasks=TINY_TASKS,
+                   chatty_rate: float = 0.6) -> dict:
+    """Prompts, reward functions and an answer checker for a profile.
+
+    tiny: tiny-world problems of ``tasks`` (train, and the held-out test split), scored by
+    :func:`~apt_course.rewards.correctness_reward` (weight 1) and :func:`~apt_course.rewards.format_reward`
+    (weight 0.1); ``"sft"`` holds :func:`chatty_demonstrations` of the train problems, the chapter's
+    deliberately sloppy starting point. gpu: GSM8K (the profile's ``math`` dataset) through
+    :func:`~apt_course.rewards.gsm8k_to_rows`, scored by the numeric checker; ``"sft"`` is None (the real
+    model is already instruction-tuned). Returns ``{"train", "test", "sft", "reward_fns", "reward_weights",
+    "checker", "max_new_tokens"}``; ``checker(row, completion) -> bool`` grades greedy answers.
+    """
+    from . import rewards, world
+
+    if isinstance(profile, str):
+        from .profiles import get_profile
+
+        profile = get_profile(profile)
+    if profile.model is None:
+        train = world.verifiable_problems(n_train, "train", seed=seed, tasks=tasks)
+        return {"train": train, "test": world.verifiable_problems(n_test, "test", seed=seed, tasks=tasks),
+                "sft": chatty_demonstrations(train, chatty_rate, seed),
+                "reward_fns": [rewards.correctness_reward, rewards.format_reward], "reward_weights": [1.0, 0.1],
+                "checker": lambda row, c: rewards.correctness_reward(None, [c], [row["answer"]])[0] == 1.0,
+                "max_new_tokens": world.MAX_LEN}
+    from datasets import load_dataset
+
+    data = load_dataset(profile.datasets["math"], "main")
+    train = rewards.gsm8k_to_rows(list(data["train"])[:n_train])
+    test = rewards.gsm8k_to_rows(list(data["test"])[:n_test])
+    return {"train": train, "test": test, "sft": None,
+            "reward_fns": [rewards.math_correctness_reward, rewards.math_format_reward], "reward_weights": [1.0, 0.1],
+            "checker": lambda row, c: rewards.math_correctness_reward(None, [c], [row["answer"]])[0] == 1.0,
+            "max_new_tokens": profile.max_new_tokens}

@@ -1,0 +1,155 @@
+"""Verifiable rewards (chapter 09): programs that score a completion, and the datasets they score.
+
+Every reward function follows TRL's convention ``fn(prompts, completions, **kwargs) -> list[float]``:
+keyword arguments, one float per completion, extra dataset columns (``answer``) as keyword lists. A
+completion is a string, or (TRL's conversational format) a list of messages whose last one is the
+assistant's; both are accepted.
+
+Datasets: tiny-world problems (``world.verifiable_problems``), GSM8K rows (``openai/gsm8k``: ``question``,
+``answer`` ending in ``#### <number>``) and the APT prompts format, a JSON object ``{"prompts": [...]}``
+whose items are strings or ``{"prompt": ..., "answer": ...}`` objects. :func:`load_prompts` reads all
+three into rows ``{"prompt", "answer"}`` for :func:`apt_course.grpo.train_grpo` and ``GRPOTrainer``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .world import extract_final_answer, normalize
+
+_FORMAT = re.compile(r"^(<think>[^<]+</think>)?[0-9a-z]+$")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def completion_text(completion) -> str:
+    """The text of a completion: a string, a message dict, or a list of messages (the last one's content)."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        return str(completion.get("content", ""))
+    if isinstance(completion, (list, tuple)) and completion:
+        return completion_text(completion[-1])
+    raise TypeError(f"cannot read a completion of type {type(completion).__name__}: expected a string or messages")
+
+
+# ---------------------------------------------------------------- tiny world
+
+def correctness_reward(prompts, completions, answer, **kwargs) -> list[float]:
+    """1.0 when the final answer (after any ``</think>``) equals the row's ``answer``, else 0.0."""
+    return [float(extract_final_answer(completion_text(c)) == str(a)) for c, a in zip(completions, answer)]
+
+
+def format_reward(prompts, completions, **kwargs) -> list[float]:
+    """1.0 when the completion is well formed: an optional closed ``<think>…</think>`` block, then one bare
+    answer of digits or lower-case letters (no spaces, no chatter), else 0.0."""
+    return [float(bool(_FORMAT.match(normalize(completion_text(c))))) for c in completions]
+
+
+# ---------------------------------------------------------------- GSM8K and numbers
+
+def gsm8k_final_answer(answer: str) -> str:
+    """The number after ``####`` in a GSM8K ``answer`` field, commas removed (``'1,200'`` -> ``'1200'``)."""
+    if "####" not in answer:
+        raise ValueError(f"a GSM8K answer ends with '#### <number>'; this one has no '####': {answer[-80:]!r}")
+    return answer.split("####")[-1].strip().replace(",", "").rstrip(".")
+
+
+def extract_number(text: str) -> str | None:
+    """The number a completion gives as its answer: after ``####``, else in ``\\boxed{}``, else the last one."""
+    text = completion_text(text)
+    for pattern in (r"####\s*([^\n]+)", r"\\boxed\{([^}]*)\}"):
+        m = re.search(pattern, text)
+        if m:
+            found = _NUMBER.findall(m.group(1))
+            if found:
+                return found[0].replace(",", "")
+    found = _NUMBER.findall(text)
+    return found[-1].replace(",", "").rstrip(".") if found else None
+
+
+def numbers_equal(a: str | None, b: str | None) -> bool:
+    """Numeric equality of two number strings (``'72'`` == ``'72.0'``); False when either is missing."""
+    if a is None or b is None:
+        return False
+    try:
+        return abs(float(a) - float(b)) < 1e-6
+    except ValueError:
+        return False
+
+
+def math_correctness_reward(prompts, completions, answer, **kwargs) -> list[float]:
+    """1.0 when the completion's number (:func:`extract_number`) equals the row's ``answer``, else 0.0."""
+    return [float(numbers_equal(extract_number(completion_text(c)), str(a))) for c, a in zip(completions, answer)]
+
+
+def math_format_reward(prompts, completions, **kwargs) -> list[float]:
+    """1.0 when the completion ends with a ``#### <number>`` line, as GSM8K's solutions do."""
+    return [float(bool(re.search(r"####\s*-?\d[\d,]*(\.\d+)?\s*$", completion_text(c).strip())))
+            for c in completions]
+
+
+MATH_SYSTEM = "Solve the problem step by step. End with the final answer on its own line as '#### <number>'."
+
+
+def gsm8k_to_rows(records: list[dict]) -> list[dict]:
+    """GSM8K records (``question``, ``answer`` with its worked solution) -> rows ``{"prompt", "answer",
+    "system"}`` whose ``answer`` is the final number and whose system message asks for ``#### <number>``."""
+    if not records:
+        raise ValueError("no GSM8K records: the dataset has zero rows")
+    rows = []
+    for i, r in enumerate(records):
+        missing = {"question", "answer"} - set(r)
+        if missing:
+            raise KeyError(f"GSM8K row {i} lacks {sorted(missing)} (it has {sorted(r)}); "
+                           "the openai/gsm8k schema is question, answer")
+        try:
+            final = gsm8k_final_answer(r["answer"])
+        except ValueError as e:
+            raise ValueError(f"GSM8K row {i}: {e}") from None
+        rows.append({"prompt": r["question"].strip(), "answer": final, "system": MATH_SYSTEM})
+    return rows
+
+
+def apt_prompts_to_rows(obj: dict) -> list[dict]:
+    """The APT prompts format ``{"prompts": [str | {"prompt", "answer"?, "system"?}, ...]}`` -> rows."""
+    if not isinstance(obj, dict) or "prompts" not in obj:
+        got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f'the APT prompts format is a JSON object {{"prompts": [...]}}; got {got}')
+    items = obj["prompts"]
+    if not isinstance(items, list) or not items:
+        raise ValueError('"prompts" must be a non-empty list of strings or {"prompt": ...} objects')
+    rows = []
+    for i, item in enumerate(items):
+        row = {"prompt": item} if isinstance(item, str) else dict(item) if isinstance(item, dict) else None
+        if row is None or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise ValueError(f'prompts[{i}] must be a non-empty string or an object with a "prompt" string; got {item!r}')
+        rows.append(row)
+    return rows
+
+
+def load_prompts(path: str | Path) -> list[dict]:
+    """Read prompt rows from a file: JSONL in the GSM8K schema or with a ``prompt`` column, or JSON in the
+    APT prompts format."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
+    text = path.read_text()
+    if path.suffix == ".json":
+        return apt_prompts_to_rows(json.loads(text))
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path.name} line {n} is not valid JSON ({e}); JSONL needs one object per line") from None
+    if not records:
+        raise ValueError(f"{path.name} holds no records")
+    if {"question", "answer"} <= set(records[0]):
+        return gsm8k_to_rows(records)
+    if "prompt" in records[0]:
+        return apt_prompts_to_rows({"prompts": records})
+    raise ValueError(f"{path.name}: rows have columns {sorted(records[0])}; expected the GSM8K schema "
+                     "(question, answer) or a 'prompt' column")
