@@ -1,0 +1,405 @@
+"""Chapter 07: offline preference optimisation, DPO and its family, as losses on log-probabilities.
+
+Notation: for a prompt x with a preferred answer y_w ("chosen") and a dispreferred one y_l ("rejected"),
+``log π(y|x)`` is the completion's summed token log-probability under the policy being trained and
+``log π_ref(y|x)`` the same under the frozen reference (the SFT model). The *implicit reward* is
+
+    r(x, y) = β · (log π(y|x) - log π_ref(y|x))
+
+and every loss below is a function of these numbers only (:func:`dpo_loss`, :func:`ipo_loss`,
+:func:`simpo_loss`, :func:`kto_loss`). :func:`train_dpo` is the from-scratch loop for all four; the
+batch layout (chosen rows, then rejected rows) is the one TRL's ``DataCollatorForPreference`` builds, so a
+TRL batch can be fed to :func:`pair_batch_logps` unchanged (the parity tests do this).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .lm import build_batch, token_logprobs
+from .tokenizer import CHAT_TEMPLATE, chat_prompt
+from .training import make_optimizer, optimizer_step, progress
+
+LOSS_TYPES = ("sigmoid", "ipo", "simpo", "kto")
+
+
+# ---------------------------------------------------------------- the losses (one screen)
+
+def _check_beta(beta: float) -> None:
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0 (the strength of the KL leash / the reward scale), got {beta!r}")
+
+
+def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta: float):
+    """DPO (sigmoid):  L = -mean log σ(β [(log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))]).
+
+    Returns ``(loss, chosen_rewards, rejected_rewards)``; the rewards are β·log(π/π_ref), detached.
+    """
+    _check_beta(beta)
+    chosen, rejected = pi_c - ref_c, pi_r - ref_r
+    loss = -F.logsigmoid(beta * (chosen - rejected)).mean()
+    return loss, beta * chosen.detach(), beta * rejected.detach()
+
+
+def ipo_loss(pi_c, pi_r, ref_c, ref_r, beta: float, len_c=None, len_r=None):
+    """IPO:  L = mean (h - 1/(2β))²,  h = (log π(y_w) - log π_ref(y_w))/|y_w| - (log π(y_l) - log π_ref(y_l))/|y_l|.
+
+    A squared loss pulls the log-ratio margin to the finite target 1/(2β) instead of pushing it to infinity.
+    The lengths |y| (token counts) normalise as TRL 1.x does; ``len_c = len_r = None`` gives the paper's form.
+    """
+    _check_beta(beta)
+    chosen, rejected = pi_c - ref_c, pi_r - ref_r
+    h = chosen / (1 if len_c is None else len_c) - rejected / (1 if len_r is None else len_r)
+    return ((h - 1 / (2 * beta)) ** 2).mean(), beta * chosen.detach(), beta * rejected.detach()
+
+
+def simpo_loss(avg_c, avg_r, beta: float, gamma: float):
+    """SimPO:  L = -mean log σ(β (avg log π(y_w) - avg log π(y_l)) - γ),  no reference model.
+
+    ``avg`` = the completion's log-probability divided by its token count; γ ≥ 0 is the target margin.
+    The rewards reported are β·avg log π(y).
+    """
+    _check_beta(beta)
+    loss = -F.logsigmoid(beta * (avg_c - avg_r) - gamma).mean()
+    return loss, beta * avg_c.detach(), beta * avg_r.detach()
+
+
+def kto_loss(pi, ref, desirable, kl, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+    """KTO on unpaired examples (x, y, desirable?):  r = log π(y|x) - log π_ref(y|x),  z0 = kl (detached, ≥ 0),
+
+        L = mean over the batch of  λ_D (1 - σ(β (r - z0)))  for desirable y,  λ_U (1 - σ(β (z0 - r)))  otherwise.
+
+    ``kl`` estimates KL(π || π_ref) from mismatched pairs (see :func:`kto_kl`). Returns
+    ``(loss, desirable_rewards, undesirable_rewards)``.
+    """
+    _check_beta(beta)
+    desirable = torch.as_tensor(desirable, dtype=torch.bool, device=pi.device)
+    r = pi - ref
+    z0 = torch.as_tensor(kl, dtype=r.dtype, device=r.device).detach().clamp(min=0)
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))))
+    return losses.mean(), beta * r[desirable].detach(), beta * r[~desirable].detach()
+
+
+def kto_kl(pi_mismatched, ref_mismatched):
+    """KTO's reference point z0 = max(0, mean(log π(y'|x) - log π_ref(y'|x))) over mismatched (x, y'), detached."""
+    return (pi_mismatched - ref_mismatched).mean().detach().clamp(min=0)
+
+
+# ---------------------------------------------------------------- data: pairs, prompts, batches
+
+def check_pairs(pairs: list[dict], fields=("prompt", "chosen", "rejected")) -> None:
+    """Every row must hold non-empty ``prompt``, ``chosen`` and ``rejected`` (a clear error names the row)."""
+    if not pairs:
+        raise ValueError("no preference pairs: the dataset has zero rows")
+    for i, row in enumerate(pairs):
+        if not isinstance(row, dict):
+            raise TypeError(f"row {i} is a {type(row).__name__}; each pair is a dict with fields {list(fields)}")
+        missing = [f for f in fields if f not in row or row[f] is None]
+        if missing:
+            raise KeyError(f"row {i} is missing {missing}; a pair needs {list(fields)} (it has {sorted(row)})")
+        for f in fields:
+            value = row[f]
+            empty = not value.strip() if isinstance(value, str) else not value
+            if empty:
+                raise ValueError(f"row {i} has an empty {f!r}: fill it in or drop the row")
+        if "chosen" in fields and row["chosen"] == row.get("rejected"):
+            raise ValueError(f"row {i}: chosen and rejected are the same text, so the pair says nothing; drop it")
+
+
+def prompt_text(tokenizer, prompt, system: str | None = None) -> str:
+    """The chat-formatted prompt: the course template (fast path), the tokenizer's own chat template
+    (a real model), or the raw text when the tokenizer has none. ``prompt`` may be a list of messages."""
+    if isinstance(prompt, list):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    if tokenizer.chat_template == CHAT_TEMPLATE:
+        return chat_prompt(prompt, system)
+    if tokenizer.chat_template:
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
+def build_pair_batch(tokenizer, pairs: list[dict], device="cpu") -> dict[str, torch.Tensor]:
+    """2B right-padded rows: the B chosen completions, then the B rejected ones (TRL's layout)."""
+    prompts = [prompt_text(tokenizer, p["prompt"], p.get("system")) for p in pairs]
+    return build_batch(tokenizer, prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
+                       device=device)
+
+
+def completion_logps(model, batch: dict[str, torch.Tensor]):
+    """(Σ_t m_t log π(y_t | x, y_<t), Σ_t m_t) per row: summed completion log-prob and completion length."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    mask = batch["completion_mask"][:, 1:].float()
+    return (token_logprobs(logits, batch["input_ids"]) * mask).sum(-1), mask.sum(-1)
+
+
+def pair_batch_logps(model, batch):
+    """Split a pair batch's log-probs into ``(chosen, rejected, len_chosen, len_rejected)``."""
+    logps, lengths = completion_logps(model, batch)
+    (c, r), (lc, lr) = logps.chunk(2), lengths.chunk(2)
+    return c, r, lc, lr
+
+
+def pair_loss(policy, ref, batch, loss_type: str = "sigmoid", beta: float = 0.1, simpo_gamma: float = 0.5,
+              sft_weight: float = 0.0):
+    """The loss of one pair batch for ``loss_type`` in sigmoid/ipo/simpo; also returns a dict of statistics.
+
+    ``sft_weight`` = α adds α · NLL(y_w), the mean token NLL of the chosen answers (RPO; in TRL
+    ``loss_type=[..., "sft"]``, ``loss_weights=[1, α]``): it stops the chosen answer's likelihood from falling.
+    """
+    c, r, lc, lr = pair_batch_logps(policy, batch)
+    if loss_type == "simpo":
+        loss, rc, rr = simpo_loss(c / lc, r / lr, beta, simpo_gamma)
+    else:
+        if ref is None:
+            raise ValueError(f"loss_type {loss_type!r} needs a reference model (only 'simpo' works without one)")
+        with torch.no_grad():
+            ref_c, ref_r, _, _ = pair_batch_logps(ref, batch)
+        if loss_type == "sigmoid":
+            loss, rc, rr = dpo_loss(c, r, ref_c, ref_r, beta)
+        elif loss_type == "ipo":
+            loss, rc, rr = ipo_loss(c, r, ref_c, ref_r, beta, lc, lr)
+        else:
+            raise ValueError(f"unknown loss_type {loss_type!r} for pairs; use one of sigmoid, ipo, simpo")
+    if sft_weight:
+        loss = loss + sft_weight * (-c.sum() / lc.sum())
+    stats = {"reward_chosen": rc.mean().item(), "reward_rejected": rr.mean().item(),
+             "margin": (rc - rr).mean().item(), "reward_acc": (rc > rr).float().mean().item(),
+             "logp_chosen": c.mean().item(), "logp_rejected": r.mean().item()}
+    return loss, stats
+
+
+def to_unpaired(pairs: list[dict]) -> list[dict]:
+    """Pairs -> KTO's unpaired rows ``{"prompt", "completion", "label"}``: chosen True, rejected False."""
+    check_pairs(pairs)
+    out = []
+    for p in pairs:
+        extra = {"system": p["system"]} if p.get("system") else {}
+        out.append({"prompt": p["prompt"], "completion": p["chosen"], "label": True, **extra})
+        out.append({"prompt": p["prompt"], "completion": p["rejected"], "label": False, **extra})
+    return out
+
+
+def kto_batch_loss(policy, ref, tokenizer, rows: list[dict], beta: float, desirable_weight: float = 1.0,
+                   undesirable_weight: float = 1.0, device="cpu"):
+    """KTO on a batch of unpaired rows; the KL completions are the batch's completions rotated by one
+    (row i is scored with row i-1's completion), as TRL's ``KTOTrainer`` builds them."""
+    if ref is None:
+        raise ValueError("KTO needs a reference model")
+    prompts = [prompt_text(tokenizer, x["prompt"], x.get("system")) for x in rows]
+    comps = [x["completion"] for x in rows]
+    batch = build_batch(tokenizer, prompts, comps, device=device)
+    kl_batch = build_batch(tokenizer, prompts, comps[-1:] + comps[:-1], device=device)
+    pi, _ = completion_logps(policy, batch)
+    with torch.no_grad():
+        ref_lp, _ = completion_logps(ref, batch)
+        kl = kto_kl(completion_logps(policy, kl_batch)[0], completion_logps(ref, kl_batch)[0])
+    labels = [bool(x["label"]) for x in rows]
+    loss, rd, ru = kto_loss(pi, ref_lp, labels, kl, beta, desirable_weight, undesirable_weight)
+    mask = torch.tensor(labels, device=pi.device)
+    nan = float("nan")
+    stats = {"reward_chosen": rd.mean().item() if len(rd) else nan,
+             "reward_rejected": ru.mean().item() if len(ru) else nan,
+             "kl": kl.item(), "logp_chosen": pi[mask].mean().item() if mask.any() else nan,
+             "logp_rejected": pi[~mask].mean().item() if (~mask).any() else nan}
+    stats["margin"] = stats["reward_chosen"] - stats["reward_rejected"]
+    return loss, stats
+
+
+# ---------------------------------------------------------------- the trainer
+
+@dataclass
+class PreferenceConfig:
+    """Settings of :func:`train_dpo` (named so it does not clash with ``trl.DPOConfig``).
+
+    loss_type: "sigmoid" (DPO), "ipo", "simpo" (no reference model) or "kto" (pairs are split into unpaired
+    desirable/undesirable rows); beta: β of the loss (IPO's τ; SimPO's reward scale); simpo_gamma: SimPO's
+    margin γ; sft_weight: α of an added NLL term on the chosen answers (0 = plain loss; see :func:`pair_loss`);
+    steps, batch_size (pairs per step; KTO draws 2x rows), lr, warmup, weight_decay: the optimiser
+    (AdamW, warm-up then cosine); desirable_weight / undesirable_weight: KTO's λ_D, λ_U; seed: batch order;
+    log_every: how often the history records.
+    """
+
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    simpo_gamma: float = 0.5
+    sft_weight: float = 0.0
+    steps: int = 120
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup: int = 10
+    weight_decay: float = 0.0
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    seed: int = 0
+    log_every: int = 5
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        _check_beta(self.beta)
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+
+
+def check_reference(policy, ref, tokenizer=None, ref_tokenizer=None) -> None:
+    """A reference model must be a separate copy over the same vocabulary (the log-ratio compares the
+    same token ids under both models)."""
+    if ref is None:
+        return
+    if ref is policy:
+        raise ValueError("ref is the policy itself: pass a frozen copy (e.g. load the checkpoint twice)")
+    v_pol, v_ref = policy.get_input_embeddings().num_embeddings, ref.get_input_embeddings().num_embeddings
+    if v_pol != v_ref:
+        raise ValueError(f"the reference model's vocabulary has {v_ref} tokens but the policy's has {v_pol}: "
+                         "log π/π_ref needs one tokenizer for both; load the reference from the policy's checkpoint")
+    if tokenizer is not None and ref_tokenizer is not None and tokenizer.get_vocab() != ref_tokenizer.get_vocab():
+        raise ValueError("the reference model's tokenizer differs from the policy's (different vocab): the same text "
+                         "would become different token ids; use the policy's tokenizer and checkpoint for both")
+
+
+def train_dpo(policy, ref, tokenizer, pairs: list[dict], config: PreferenceConfig = PreferenceConfig(),
+              ref_tokenizer=None) -> dict:
+    """Train ``policy`` on preference ``pairs`` with ``config.loss_type``; ``ref`` stays frozen (None for SimPO).
+
+    Returns the history: step, loss, reward_chosen, reward_rejected (β·log π/π_ref, batch means), margin,
+    reward_acc (chosen reward > rejected), logp_chosen, logp_rejected (log π, summed), seconds.
+    """
+    check_pairs(pairs)
+    check_reference(policy, ref, tokenizer, ref_tokenizer)
+    if ref is None and config.loss_type != "simpo":
+        raise ValueError(f"loss_type {config.loss_type!r} needs a reference model; pass the SFT model as ref")
+    if ref is not None:
+        ref.eval()  # its log-probs are computed under no_grad; its parameters are left as they are
+    device = next(policy.parameters()).device
+    rows = to_unpaired(pairs) if config.loss_type == "kto" else pairs
+    per_step = config.batch_size * (2 if config.loss_type == "kto" else 1)
+    rng = random.Random(config.seed)
+    opt, sched = make_optimizer(policy, config.lr, config.steps, config.warmup, config.weight_decay)
+    keys = ("loss", "reward_chosen", "reward_rejected", "margin", "reward_acc", "logp_chosen", "logp_rejected")
+    history = {"step": [], **{k: [] for k in keys}, "seconds": 0.0}
+    start = time.perf_counter()
+    policy.train()
+    for step in progress(range(config.steps), f"preference ({config.loss_type})"):
+        idx = rng.sample(range(len(rows)), min(per_step, len(rows)))
+        batch_rows = [rows[i] for i in idx]
+        if config.loss_type == "kto":
+            loss, stats = kto_batch_loss(policy, ref, tokenizer, batch_rows, config.beta, config.desirable_weight,
+                                         config.undesirable_weight, device)
+            stats["reward_acc"] = float("nan")  # unpaired: no chosen/rejected of the same prompt in a batch
+        else:
+            batch = build_pair_batch(tokenizer, batch_rows, device)
+            loss, stats = pair_loss(policy, ref, batch, config.loss_type, config.beta, config.simpo_gamma,
+                                    config.sft_weight)
+        loss_value = optimizer_step(loss, policy, opt, sched, max_grad_norm=1.0)
+        if step % config.log_every == 0 or step == config.steps - 1:
+            history["step"].append(step)
+            history["loss"].append(loss_value)
+            for k in keys[1:]:
+                history[k].append(stats[k])
+    history["seconds"] = time.perf_counter() - start
+    policy.eval()
+    return history
+
+
+# ---------------------------------------------------------------- measuring
+
+@torch.no_grad()
+def pair_scores(model, tokenizer, pairs: list[dict], batch_size: int | None = None):
+    """Summed log-probs and lengths of every pair's chosen and rejected completion: four 1-D tensors.
+
+    ``batch_size`` pairs per forward pass (default: 128 for a small vocabulary, 4 for a real model, whose
+    full-vocabulary log-softmax is large)."""
+    check_pairs(pairs)
+    if batch_size is None:
+        batch_size = 128 if model.get_input_embeddings().num_embeddings <= 1024 else 4
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = [[], [], [], []]
+    for i in range(0, len(pairs), batch_size):
+        for acc, t in zip(out, pair_batch_logps(model, build_pair_batch(tokenizer, pairs[i:i + batch_size], device))):
+            acc.append(t.cpu())
+    model.train(was_training)
+    return tuple(torch.cat(x) for x in out)
+
+
+def preference_accuracy(model, tokenizer, pairs: list[dict], ref=None, normalize: bool = False) -> float:
+    """Fraction of pairs the model ranks right.
+
+    With ``ref``: the implicit reward, log π(y_w)/π_ref(y_w) > log π(y_l)/π_ref(y_l) (what DPO trains).
+    Without: the model's own log-probabilities, log π(y_w) > log π(y_l) (per token with ``normalize``).
+    """
+    c, r, lc, lr = pair_scores(model, tokenizer, pairs)
+    if ref is not None:
+        rc, rr, _, _ = pair_scores(ref, tokenizer, pairs)
+        c, r = c - rc, r - rr
+    elif normalize:
+        c, r = c / lc, r / lr
+    return (c > r).float().mean().item()
+
+
+def score_reply(pair: dict, reply: str) -> int:
+    """The tiny world's ground truth for a reply to a preference prompt, 0..2.
+
+    Task prompts (``pair["answer"]``): 2 = exactly the answer, 1 = the answer inside wordier text,
+    0 = wrong. Greetings: 2 = the polite reply, 1 = another polite reply, 0 = rude or other text.
+    """
+    from .world import _POLITE, normalize
+
+    reply = normalize(reply)
+    if "answer" in pair:
+        if reply == pair["answer"]:
+            return 2
+        return 1 if pair["answer"] in reply.replace(",", " ").replace(".", " ").split() else 0
+    if reply == pair["chosen"]:
+        return 2
+    name = pair["prompt"].split()[-1]
+    return 1 if reply in {t.format(n=name) for t in _POLITE} else 0
+
+
+def win_rate(model_a, model_b, tokenizer, pairs: list[dict], max_new_tokens: int = 40) -> dict:
+    """Greedy replies of A and B to each pair's prompt, scored by :func:`score_reply`.
+
+    A wins a prompt when its score is higher, loses when lower, ties when equal.
+    ``win_rate`` = (wins + ties/2) / prompts: 0.5 means no difference, 1.0 that A wins everywhere.
+    """
+    from .lm import generate
+
+    prompts = [prompt_text(tokenizer, p["prompt"], p.get("system")) for p in pairs]
+    a = generate(model_a, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    b = generate(model_b, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    sa = [score_reply(p, x) for p, x in zip(pairs, a)]
+    sb = [score_reply(p, x) for p, x in zip(pairs, b)]
+    wins = sum(x > y for x, y in zip(sa, sb))
+    losses = sum(x < y for x, y in zip(sa, sb))
+    ties = len(pairs) - wins - losses
+    return {"wins": wins, "ties": ties, "losses": losses, "win_rate": (wins + ties / 2) / len(pairs),
+            "score_a": sum(sa) / len(sa), "score_b": sum(sb) / len(sb), "replies_a": a, "replies_b": b}
+
+
+# ---------------------------------------------------------------- real datasets (the GPU profile)
+
+def load_preference_pairs(profile, split: str = "train", n: int = 2000, seed: int = 0) -> list[dict]:
+    """Pairs for a profile: the tiny world's (``tiny``), or the first ``n`` rows of the profile's preference
+    dataset from the Hub (``gpu``: hh-rlhf, or UltraFeedback when its id mentions it), converted by
+    :mod:`apt_course.preference_data` (prompts with several turns come as chat-message lists)."""
+    from . import world
+    from .preference_data import hh_rlhf_to_pairs, ultrafeedback_to_pairs
+    from .profiles import get_profile
+
+    profile = get_profile(profile) if isinstance(profile, str) else profile
+    if profile.model is None:
+        return world.preference_pairs(n, split, seed)
+    from datasets import load_dataset
+
+    name = profile.datasets["preference"]
+    hf_split = {"train": "train_prefs", "test": "test_prefs"}[split] if "ultrafeedback" in name else split
+    rows = load_dataset(name, split=f"{hf_split}[:{n}]")
+    return ultrafeedback_to_pairs(rows) if "ultrafeedback" in name else hh_rlhf_to_pairs(rows)
