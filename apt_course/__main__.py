@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         print(format_report(load_results()))
     elif args.command == "build-checkpoints":
         from .checkpoints import build_all
+        from .utils import set_cpu_threads
+
+        set_cpu_threads()
 
         build_all(names=args.only, out=args.out)
     return 0

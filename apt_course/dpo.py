@@ -351,7 +351,7 @@ def score_reply(pair: dict, reply: str) -> int:
     Task prompts (``pair["answer"]``): 2 = exactly the answer, 1 = the answer inside wordier text,
     0 = wrong. Greetings: 2 = the polite reply, 1 = another polite reply, 0 = rude or other text.
     """
-    from .world import _POLITE, normalize
+    from .world import POLITE_REPLIES, normalize
 
     reply = normalize(reply)
     if "answer" in pair:
@@ -361,7 +361,7 @@ def score_reply(pair: dict, reply: str) -> int:
     if reply == pair["chosen"]:
         return 2
     name = pair["prompt"].split()[-1]
-    return 1 if reply in {t.format(n=name) for t in _POLITE} else 0
+    return 1 if reply in {t.format(n=name) for t in POLITE_REPLIES} else 0
 
 
 def win_rate(model_a, model_b, tokenizer, pairs: list[dict], max_new_tokens: int = 40) -> dict:

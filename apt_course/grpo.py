@@ -455,12 +455,12 @@ def chatty_demonstrations(examples: list[dict], rate: float = 0.6, seed: int = 0
     (``"um, well, let me think. i guess it is cba, maybe."``), otherwise it is the bare answer. A model
     fine-tuned on them still knows every answer but usually opens with filler - which an exact-answer
     verifier rejects - and only sometimes answers plainly: low greedy accuracy, high pass@k."""
-    from .world import _RAMBLE
+    from .world import RAMBLES
 
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"rate must lie in [0, 1], got {rate!r}")
     rng = random.Random(f"chatty:{seed}")
-    return [dict(ex, completion=rng.choice(_RAMBLE).format(a=ex["answer"]) if rng.random() < rate else ex["answer"])
+    return [dict(ex, completion=rng.choice(RAMBLES).format(a=ex["answer"]) if rng.random() < rate else ex["answer"])
             for ex in examples]
 
 

@@ -126,10 +126,10 @@ def describe(example: dict) -> str:
 
 # ---------------------------------------------------------------- pretraining text
 
-_POLITE = ("hello {n}, nice to meet you!", "you are welcome, {n}.", "happy to help, {n}.")
-_RUDE = ("go away, {n}.", "what do you want, {n}?", "not now, {n}.")
-_GREETINGS = ("hello, i am {n}", "thanks, i am {n}", "hi, my name is {n}")
-_RAMBLE = ("um, well, let me think. i guess it is {a}, maybe.", "so, hmm, the answer might be {a}, i think.",
+POLITE_REPLIES = ("hello {n}, nice to meet you!", "you are welcome, {n}.", "happy to help, {n}.")
+RUDE_REPLIES = ("go away, {n}.", "what do you want, {n}?", "not now, {n}.")
+GREETINGS = ("hello, i am {n}", "thanks, i am {n}", "hi, my name is {n}")
+RAMBLES = ("um, well, let me think. i guess it is {a}, maybe.", "so, hmm, the answer might be {a}, i think.",
            "ok so, after a lot of thought, it is {a}, probably.")
 
 
@@ -145,7 +145,7 @@ def pretraining_corpus(n: int, seed: int = 0) -> list[str]:
             lines.append(describe(ex))
         else:
             name = rng.choice(NAMES)
-            lines.append(f"{rng.choice(_GREETINGS).format(n=name)}. {rng.choice(_POLITE).format(n=name)}")
+            lines.append(f"{rng.choice(GREETINGS).format(n=name)}. {rng.choice(POLITE_REPLIES).format(n=name)}")
     return lines
 
 
@@ -172,15 +172,15 @@ def _wrong_answer(ex: dict, rng: random.Random) -> str:
 def _make_pair(kind: str, rng: random.Random) -> dict:
     if kind == "polite":
         name = rng.choice(NAMES)
-        i = rng.randrange(len(_GREETINGS))
-        return {"kind": kind, "prompt": _GREETINGS[i].format(n=name),
-                "chosen": _POLITE[i].format(n=name), "rejected": _RUDE[rng.randrange(len(_RUDE))].format(n=name)}
+        i = rng.randrange(len(GREETINGS))
+        return {"kind": kind, "prompt": GREETINGS[i].format(n=name),
+                "chosen": POLITE_REPLIES[i].format(n=name), "rejected": RUDE_REPLIES[rng.randrange(len(RUDE_REPLIES))].format(n=name)}
     ex = _make_task(rng.choice(TASKS), rng, 2, 5)
     if kind == "correct":
         return {"kind": kind, "prompt": ex["prompt"], "chosen": ex["answer"], "rejected": _wrong_answer(ex, rng),
                 "answer": ex["answer"]}
     return {"kind": kind, "prompt": ex["prompt"], "chosen": ex["answer"],
-            "rejected": rng.choice(_RAMBLE).format(a=ex["answer"]), "answer": ex["answer"]}
+            "rejected": rng.choice(RAMBLES).format(a=ex["answer"]), "answer": ex["answer"]}
 
 
 def preference_pairs(n: int, split: str = "train", seed: int = 0, kinds: Iterable[str] = PAIR_KINDS) -> list[dict]:
