@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .lm import build_batch, token_logprobs
-from .tokenizer import CHAT_TEMPLATE, chat_prompt
+from .tokenizer import format_prompt
 from .training import make_optimizer, optimizer_step, progress
 
 LOSS_TYPES = ("sigmoid", "ipo", "simpo", "kto")
@@ -112,22 +112,9 @@ def check_pairs(pairs: list[dict], fields=("prompt", "chosen", "rejected")) -> N
             raise ValueError(f"row {i}: chosen and rejected are the same text, so the pair says nothing; drop it")
 
 
-def prompt_text(tokenizer, prompt, system: str | None = None) -> str:
-    """The chat-formatted prompt: the course template (fast path), the tokenizer's own chat template
-    (a real model), or the raw text when the tokenizer has none. ``prompt`` may be a list of messages."""
-    if isinstance(prompt, list):
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    if tokenizer.chat_template == CHAT_TEMPLATE:
-        return chat_prompt(prompt, system)
-    if tokenizer.chat_template:
-        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    return prompt
-
-
 def build_pair_batch(tokenizer, pairs: list[dict], device="cpu") -> dict[str, torch.Tensor]:
     """2B right-padded rows: the B chosen completions, then the B rejected ones (TRL's layout)."""
-    prompts = [prompt_text(tokenizer, p["prompt"], p.get("system")) for p in pairs]
+    prompts = [format_prompt(tokenizer, p["prompt"], p.get("system")) for p in pairs]
     return build_batch(tokenizer, prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
                        device=device)
 
@@ -192,7 +179,7 @@ def kto_batch_loss(policy, ref, tokenizer, rows: list[dict], beta: float, desira
     (row i is scored with row i-1's completion), as TRL's ``KTOTrainer`` builds them."""
     if ref is None:
         raise ValueError("KTO needs a reference model")
-    prompts = [prompt_text(tokenizer, x["prompt"], x.get("system")) for x in rows]
+    prompts = [format_prompt(tokenizer, x["prompt"], x.get("system")) for x in rows]
     comps = [x["completion"] for x in rows]
     batch = build_batch(tokenizer, prompts, comps, device=device)
     kl_batch = build_batch(tokenizer, prompts, comps[-1:] + comps[:-1], device=device)
@@ -372,7 +359,7 @@ def win_rate(model_a, model_b, tokenizer, pairs: list[dict], max_new_tokens: int
     """
     from .lm import generate
 
-    prompts = [prompt_text(tokenizer, p["prompt"], p.get("system")) for p in pairs]
+    prompts = [format_prompt(tokenizer, p["prompt"], p.get("system")) for p in pairs]
     a = generate(model_a, tokenizer, prompts, max_new_tokens=max_new_tokens)
     b = generate(model_b, tokenizer, prompts, max_new_tokens=max_new_tokens)
     sa = [score_reply(p, x) for p, x in zip(pairs, a)]

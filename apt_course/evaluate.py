@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections import defaultdict
 
 from .lm import generate
-from .tokenizer import chat_prompt
+from .tokenizer import format_prompt
 from .world import check_answer
 
 
 def answer_all(model, tokenizer, examples: list[dict], max_new_tokens: int = 12, **gen_kwargs) -> list[str]:
-    """Greedy completions of each example's chat prompt (with its ``system`` message if it has one)."""
-    prompts = [chat_prompt(ex["prompt"], ex.get("system")) for ex in examples]
+    """Greedy completions of each example's chat prompt (with its ``system`` message if it has one),
+    formatted by the model's own chat template (the course's, or a real model's on the GPU profile)."""
+    prompts = [format_prompt(tokenizer, ex["prompt"], ex.get("system")) for ex in examples]
     return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, **gen_kwargs)
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from .lm import generate, token_logprobs
+from .tokenizer import format_prompt
 from .training import make_optimizer, progress
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
@@ -228,12 +229,7 @@ def _first_failing_sample(fn, prompts, completions, columns):
 
 def format_prompts(tokenizer, rows: list[dict]) -> list[str]:
     """Each row's chat prompt text (its ``system`` message too), ready for the assistant's reply."""
-    out = []
-    for row in rows:
-        msgs = ([{"role": "system", "content": row["system"]}] if row.get("system") else [])
-        msgs.append({"role": "user", "content": row["prompt"]})
-        out.append(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
-    return out
+    return [format_prompt(tokenizer, row["prompt"], row.get("system")) for row in rows]
 
 
 def prompt_rows(prompts) -> list[dict]:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .preference_data import validate_pairs
-from .tokenizer import CHAT_TEMPLATE, chat_prompt, messages_for
+from .tokenizer import format_prompt
 from .training import make_optimizer, optimizer_step, progress
 
 # ---------------------------------------------------------------- model and inputs
@@ -57,14 +57,6 @@ def load_reward_model(path_or_name, device: torch.device | str = "cpu", dtype: t
     return rm.to(device), tokenizer
 
 
-def prompt_text(tokenizer, prompt, system: str | None = None) -> str:
-    """The chat-formatted prompt: a user text (or a message list) -> the text before the assistant's reply."""
-    if isinstance(prompt, str) and getattr(tokenizer, "chat_template", None) == CHAT_TEMPLATE:
-        return chat_prompt(prompt, system)  # the course tokenizer: same text, no Jinja in the inner loop
-    messages = prompt if isinstance(prompt, list) else messages_for(prompt, system)
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
 def reward_batch(tokenizer, prompts, completions, systems=None, device="cpu") -> dict[str, torch.Tensor]:
     """Tokenise ``prompt + completion + <eos>`` for each pair (right-padded)."""
     if len(prompts) != len(completions):
@@ -72,7 +64,7 @@ def reward_batch(tokenizer, prompts, completions, systems=None, device="cpu") ->
     if not prompts:
         raise ValueError("empty batch: pass at least one prompt/completion")
     systems = systems or [None] * len(prompts)
-    texts = [prompt_text(tokenizer, p, s) + str(c) + tokenizer.eos_token
+    texts = [format_prompt(tokenizer, p, s) + str(c) + tokenizer.eos_token
              for p, c, s in zip(prompts, completions, systems)]
     enc = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
     return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
@@ -223,7 +215,7 @@ def to_trl_reward_dataset(pairs: list[dict], tokenizer):
 
     pairs = validate_pairs(pairs)
     return Dataset.from_dict({
-        "prompt": [prompt_text(tokenizer, p["prompt"], p.get("system")) for p in pairs],
+        "prompt": [format_prompt(tokenizer, p["prompt"], p.get("system")) for p in pairs],
         "chosen": [str(p["chosen"]) for p in pairs],
         "rejected": [str(p["rejected"]) for p in pairs],
     })

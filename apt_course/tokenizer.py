@@ -67,3 +67,20 @@ def messages_for(user: str, system: str | None = None, assistant: str | None = N
     if assistant is not None:
         msgs.append({"role": "assistant", "content": assistant})
     return msgs
+
+
+def format_prompt(tokenizer, prompt: str | list[dict], system: str | None = None) -> str:
+    """The text before the assistant's reply, for any tokenizer.
+
+    The course tokenizer takes the fast path (:func:`chat_prompt`, no Jinja in inner loops); a real model's
+    tokenizer uses its own chat template; a tokenizer without one gets the raw text. ``prompt`` may also be
+    a list of chat messages.
+    """
+    if isinstance(prompt, list):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    template = getattr(tokenizer, "chat_template", None)
+    if template == CHAT_TEMPLATE:
+        return chat_prompt(prompt, system)
+    if template:
+        return tokenizer.apply_chat_template(messages_for(prompt, system), tokenize=False, add_generation_prompt=True)
+    return prompt

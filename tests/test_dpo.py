@@ -10,7 +10,7 @@ import torch
 
 from apt_course import dpo, world
 from apt_course.model import load_pretrained, make_tiny_model, save_model
-from apt_course.tokenizer import build_tokenizer, chat_prompt, messages_for
+from apt_course.tokenizer import build_tokenizer, chat_prompt, format_prompt, messages_for
 
 FIXTURES = Path(__file__).parent / "fixtures"
 T = torch.tensor
@@ -267,8 +267,8 @@ def test_gpu_path_loads_a_saved_model_and_trains_on_real_dataset_schemas(tok, tm
     pairs = hh_rlhf_to_pairs(read_jsonl(FIXTURES / "hh_rlhf_sample.jsonl"))
     pairs += ultrafeedback_to_pairs(read_jsonl(FIXTURES / "ultrafeedback_binarized_sample.jsonl"))
     assert isinstance(pairs[1]["prompt"], list)  # a multi-turn conversation
-    assert dpo.prompt_text(tokenizer, pairs[1]["prompt"]) == (
+    assert format_prompt(tokenizer, pairs[1]["prompt"]) == (
         "<|user|>How do I bake bread?<|assistant|>Do you have yeast at home?<eos><|user|>Yes, I do.<|assistant|>")
-    assert dpo.prompt_text(tokenizer, pairs[0]["prompt"]) == chat_prompt(pairs[0]["prompt"])
+    assert format_prompt(tokenizer, pairs[0]["prompt"]) == chat_prompt(pairs[0]["prompt"])
     hist = dpo.train_dpo(model, ref, tokenizer, pairs, dpo.PreferenceConfig(steps=2, batch_size=3))
     assert len(hist["loss"]) == 2 and all(math.isfinite(x) for x in hist["loss"])

@@ -37,3 +37,17 @@ def test_assistant_mask_covers_exactly_the_reply():
                                   return_assistant_tokens_mask=True)
     picked = [i for i, m in zip(out["input_ids"], out["assistant_masks"]) if m]
     assert tok.decode(picked) == "8<eos>"
+
+
+def test_format_prompt_serves_the_course_tokenizer_a_real_template_and_none():
+    from apt_course.tokenizer import format_prompt
+
+    tok = build_tokenizer()
+    assert format_prompt(tok, "add 3 5", "owner=ann") == chat_prompt("add 3 5", "owner=ann")
+    assert format_prompt(tok, messages_for("add 3 5")) == chat_prompt("add 3 5")
+    other = build_tokenizer()
+    other.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}" \
+                          "{% if add_generation_prompt %}[assistant] {% endif %}"
+    assert format_prompt(other, "hi") == "[user] hi\n[assistant] "
+    other.chat_template = None
+    assert format_prompt(other, "hi") == "hi"
