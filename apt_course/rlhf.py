@@ -1,0 +1,214 @@
+"""Chapter 06: RLHF with PPO on a language model, from scratch (TRL 1.x has no PPOTrainer).
+
+One PPO update, in the style of CleanRL and TRL 0.x's PPOTrainer:
+
+1. **Rollout.** Sample a completion y ~ π_θ(·|x) for each prompt; the reward model scores it, s = RM(x, y).
+2. **KL-shaped rewards.** Each completion token t gets r_t = -β (log π_θ(y_t) - log π_ref(y_t)) (a per-token
+   k1 estimate of the KL to the frozen reference), and the last token also gets the score: r_T += s.
+3. **GAE over tokens** (chapter 03's :func:`~apt_course.ppo.compute_gae`, γ = 1): with the value head's
+   V_t, δ_t = r_t + V_{t+1} - V_t, A_t = δ_t + λ A_{t+1}; returns R_t = A_t + V_t. Advantages are whitened.
+4. **Several epochs over minibatches** of the clipped policy loss (:func:`~apt_course.ppo.ppo_policy_loss`)
+   plus c_v × the clipped value loss (:func:`~apt_course.ppo.ppo_value_loss`), on completion tokens only.
+
+Logged: RM score, KL to the reference (sum over tokens, per sequence), approx KL between the rollout and
+the updated policy, clip fraction, explained variance of the value head.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .grpo import completion_logprobs, format_prompts, prompt_rows, sample_groups
+from .ppo import compute_gae, explained_variance, ppo_policy_loss, ppo_value_loss
+from .training import make_optimizer, progress
+
+
+class PolicyWithValue(nn.Module):
+    """A causal LM plus a scalar value head on its last hidden state: V(x, y_<t) for every position."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+        self.value_head = nn.Linear(lm.config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask):
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return out.logits, self.value_head(out.hidden_states[-1]).squeeze(-1)
+
+
+def kl_shaped_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
+                      beta: float) -> torch.Tensor:
+    """Per-token rewards r_t = -β (log π - log π_ref)_t on completion tokens, plus the RM score on the last one.
+
+    scores: (B,); logp, ref_logp, mask: (B, T). Returns (B, T), zero outside the mask.
+    """
+    mask = mask.to(logp.dtype)
+    rewards = -beta * (logp - ref_logp) * mask
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rewards[torch.arange(len(scores)), last] += scores.to(rewards.dtype)
+    return rewards
+
+
+def token_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, lam: float = 0.95,
+              gamma: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over completion tokens (batch-first tensors), through chapter 03's ``compute_gae``.
+
+    Tokens after a completion's last one are marked done, so nothing is bootstrapped past the end.
+    Returns ``(advantages, returns)``, (B, T), zero outside the mask.
+    """
+    m = mask.detach().cpu().numpy().astype(np.float64)
+    r = (rewards.detach().cpu().numpy() * m).T
+    v = (values.detach().cpu().numpy() * m).T
+    last = m.sum(1).astype(int) - 1
+    dones = (np.arange(m.shape[1])[:, None] >= last[None, :]).astype(np.float64)
+    adv, ret = compute_gae(r, v, dones, np.zeros(m.shape[0]), gamma, lam)
+    to = lambda a: torch.tensor(a.T, dtype=values.dtype, device=values.device) * mask  # noqa: E731
+    return to(adv), to(ret)
+
+
+@dataclass
+class RLHFSettings:
+    """Settings of :func:`train_rlhf`.
+
+    steps: PPO updates, each on a fresh rollout of ``batch_size`` prompts. minibatch_size, ppo_epochs:
+    passes over the rollout and their minibatches. lr: AdamW (policy and value head). beta: KL-penalty
+    coefficient (0 = no leash: watch the reward model get over-optimised). clip: ε of the policy ratio;
+    clip_value: the value update's clip (None = plain MSE). vf_coef: value-loss weight. gamma, lam: GAE.
+    whiten: normalise advantages over the rollout's tokens. temperature, max_new_tokens: sampling.
+    """
+
+    steps: int = 30
+    batch_size: int = 32
+    minibatch_size: int = 16
+    ppo_epochs: int = 4
+    lr: float = 1e-4
+    beta: float = 0.05
+    clip: float = 0.2
+    clip_value: float | None = 0.2
+    vf_coef: float = 0.5
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten: bool = True
+    temperature: float = 1.0
+    max_new_tokens: int = 8
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.batch_size % self.minibatch_size:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of minibatch_size "
+                             f"({self.minibatch_size})")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+
+
+def _forward(policy: PolicyWithValue, batch: dict, temperature: float):
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    att = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    logits, values = policy(ids, att)
+    P = batch["prompt_ids"].size(1)
+    logp = torch.log_softmax(logits[:, P - 1:-1].float() / temperature, -1)
+    logp = logp.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    return logp, values[:, P - 1:-1]  # V of the state before each completion token
+
+
+def train_rlhf(policy: PolicyWithValue, ref_model, tokenizer, prompts, reward_fn,
+               config: RLHFSettings = RLHFSettings()) -> dict:
+    """PPO on ``prompts`` against ``reward_fn(prompts, completions) -> tensor (N,)`` (e.g. a reward model).
+
+    Returns the history: ``score`` (mean reward-model score of the rollout), ``kl`` (mean per-sequence sum
+    of log π - log π_ref), ``approx_kl``, ``clip_fraction``, ``explained_variance``, ``length``.
+    """
+    rows = prompt_rows(prompts)
+    if ref_model is None:
+        raise ValueError("train_rlhf needs a frozen ref_model for the KL penalty (a copy of the starting model)")
+    ref_model.eval().requires_grad_(False)
+    texts = format_prompts(tokenizer, rows)
+    rng = random.Random(config.seed)
+    torch.manual_seed(config.seed)
+    n_mb = config.batch_size // config.minibatch_size
+    opt, sched = make_optimizer(policy, config.lr, config.steps * config.ppo_epochs * n_mb)
+    history = {k: [] for k in ("step", "score", "kl", "approx_kl", "clip_fraction", "explained_variance", "length")}
+    for step in progress(range(config.steps), "RLHF-PPO"):
+        idx = [rng.randrange(len(rows)) for _ in range(config.batch_size)]
+        batch = sample_groups(policy.lm, tokenizer, [texts[i] for i in idx], 1, config.max_new_tokens,
+                              config.temperature)
+        mask = batch["completion_mask"].float()
+        with torch.no_grad():
+            scores = reward_fn([rows[i]["prompt"] for i in idx], batch["texts"]).float().to(mask.device)
+            old_logp, old_values = _forward(policy, batch, config.temperature)
+            ref_logp = completion_logprobs(ref_model, batch, config.temperature)
+            rewards = kl_shaped_rewards(scores, old_logp, ref_logp, mask, config.beta)
+            adv, returns = token_gae(rewards, old_values, mask, config.lam, config.gamma)
+            if config.whiten:
+                valid = adv[mask.bool()]
+                adv = (adv - valid.mean()) / (valid.std() + 1e-8) * mask
+        stats = {"approx_kl": [], "clip_fraction": []}
+        for _ in range(config.ppo_epochs):
+            for mb in torch.randperm(config.batch_size).view(n_mb, -1):
+                sub = {k: v[mb] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+                logp, values = _forward(policy, sub, config.temperature)
+                m = mask[mb].bool()
+                pg = ppo_policy_loss(logp[m], old_logp[mb][m], adv[mb][m], config.clip)
+                vl = ppo_value_loss(values[m], old_values[mb][m], returns[mb][m], config.clip_value)
+                loss = pg + config.vf_coef * vl
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+                opt.step()
+                sched.step()
+                with torch.no_grad():
+                    log_ratio = logp[m] - old_logp[mb][m]
+                    stats["approx_kl"].append(((log_ratio.exp() - 1) - log_ratio).mean().item())
+                    stats["clip_fraction"].append(((log_ratio.exp() - 1).abs() > config.clip).float().mean().item())
+        history["step"].append(step)
+        history["score"].append(scores.mean().item())
+        history["kl"].append(((old_logp - ref_logp) * mask).sum(1).mean().item())
+        history["approx_kl"].append(float(np.mean(stats["approx_kl"])))
+        history["clip_fraction"].append(float(np.mean(stats["clip_fraction"])))
+        m = mask.bool()
+        history["explained_variance"].append(explained_variance(old_values[m].cpu().numpy(),
+                                                                returns[m].cpu().numpy()))
+        history["length"].append(mask.sum(1).mean().item())
+    return history
+
+
+# ---------------------------------------------------------------- the chapter's tiny-world setting
+
+
+def greeting_prompts(n: int, split: str = "train", seed: int = 0) -> list[str]:
+    """Greeting prompts (``"hello, i am ann"``) of the polite/rude preference pairs: the shipped RM ranks
+    those pairs perfectly, while the SFT checkpoint never saw a greeting in chat format (room to improve)."""
+    from .world import preference_pairs
+
+    return [p["prompt"] for p in preference_pairs(n, split, seed=seed, kinds=("polite",))]
+
+
+def is_polite(prompt: str, reply: str) -> bool:
+    """Ground truth for a greeting: the reply is one of the tiny world's polite replies to that person."""
+    from .world import POLITE_REPLIES
+
+    name = prompt.strip().split()[-1]
+    return reply.strip() in {t.format(n=name) for t in POLITE_REPLIES}
+
+
+def names_the_person(prompt: str, reply: str) -> bool:
+    """A softer ground truth: the reply at least addresses the person by name."""
+    return prompt.strip().split()[-1] in reply
+
+
+def rm_reward_fn(rm, rm_tokenizer):
+    """``reward_fn(prompts, completions) -> tensor (N,)`` for :func:`train_rlhf`: the RM's score."""
+    from .reward_model import score
+
+    def reward_fn(prompts, completions):
+        return score(rm, rm_tokenizer, list(prompts), [str(c) for c in completions])
+
+    return reward_fn
