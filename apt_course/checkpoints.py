@@ -1,7 +1,8 @@
 """The tiny checkpoints later chapters start from, shipped in ``data/checkpoints/``.
 
 ``base``: the tiny Llama pretrained on tiny-world prose (chapter 00's recipe, run longer).
-``sft``:  ``base`` fine-tuned on tiny-world instructions (chapter 04's recipe).
+``sft``:  ``base`` fine-tuned on tiny-world instructions plus greetings answered politely only a fifth of the
+          time (chapter 04's recipe; the rudeness is the headroom chapters 06-07 remove).
 ``rm``:   a reward model (``LlamaForSequenceClassification``, one scalar head) started from ``sft`` and trained
           on tiny-world preference pairs with the Bradley–Terry loss (chapter 05's recipe).
 Each folder holds ``model.safetensors``, ``config.json`` and the tokenizer, and loads with
@@ -24,7 +25,7 @@ from .utils import repo_root
 NAMES = ("base", "sft", "rm")
 
 BASE_RECIPE = {"seed": 0, "corpus_size": 20000, "steps": 1500, "batch_size": 64, "seq_len": 64, "lr": 3e-3}
-SFT_RECIPE = {"seed": 0, "train_size": 8000, "steps": 800, "batch_size": 64, "lr": 2e-3}
+SFT_RECIPE = {"seed": 0, "train_size": 8000, "greetings": 1500, "steps": 800, "batch_size": 64, "lr": 2e-3}
 RM_RECIPE = {"seed": 0, "train_size": 4000, "steps": 300, "batch_size": 32, "lr": 1e-3}
 
 
@@ -38,7 +39,7 @@ def checkpoints_dir() -> Path:
 
 
 def checkpoint_path(name: str, build_if_missing: bool = True) -> Path:
-    """The folder of checkpoint ``name`` ("base" or "sft"), built first if it is missing."""
+    """The folder of checkpoint ``name`` ("base", "sft" or "rm"), built first if it is missing."""
     if name not in NAMES:
         raise ValueError(f"unknown checkpoint {name!r}; the course ships {NAMES}")
     path = checkpoints_dir() / name
@@ -84,6 +85,7 @@ def build(name: str, out: Path) -> Path:
         model, tokenizer = load_checkpoint("base")
         torch.manual_seed(r["seed"])
         data = world.instruction_examples(r["train_size"], "train", seed=r["seed"])
+        data += world.greeting_dialogues(r["greetings"], "train", seed=r["seed"])
         cfg = SFTConfig(steps=r["steps"], batch_size=r["batch_size"], lr=r["lr"], seed=r["seed"])
         history = train_sft(model, tokenizer, data, cfg)
     elif name == "rm":

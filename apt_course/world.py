@@ -193,6 +193,27 @@ def preference_pairs(n: int, split: str = "train", seed: int = 0, kinds: Iterabl
     return _sample(lambda r: _make_pair(r.choice(kinds), r), n, split, seed, "pairs")
 
 
+def greeting_dialogues(n: int, split: str = "train", seed: int = 0, polite_fraction: float = 0.2) -> list[dict]:
+    """Greetings answered the way a scraped forum answers them: politely only ``polite_fraction`` of the time.
+
+    ``{"task": "greet", "prompt": "hello, i am bob", "completion": <reply>, "answer": <the polite reply>,
+    "polite": bool}``. The shipped SFT model learns these, so it *can* be polite (a sample at T = 1 often is)
+    but mostly is not: the headroom that preference learning (DPO, RLHF) is there to use.
+    """
+    _check_args(n, split)
+    if not 0.0 <= polite_fraction <= 1.0:
+        raise ValueError(f"polite_fraction must lie in [0, 1], got {polite_fraction!r}")
+
+    def make(rng: random.Random) -> dict:
+        name, i = rng.choice(NAMES), rng.randrange(len(GREETINGS))
+        polite = rng.random() < polite_fraction
+        reply = POLITE_REPLIES[i] if polite else rng.choice(RUDE_REPLIES)
+        return {"task": "greet", "prompt": GREETINGS[i].format(n=name), "completion": reply.format(n=name),
+                "answer": POLITE_REPLIES[i].format(n=name), "polite": polite}
+
+    return _sample(make, n, split, seed, "greet")
+
+
 # ---------------------------------------------------------------- chain of thought
 
 def _make_cot(rng: random.Random, digits: int) -> dict:

@@ -75,3 +75,15 @@ def test_owner_channel_is_the_system_message():
 def test_bad_arguments_say_what_is_wrong(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_greeting_dialogues_are_mostly_rude_but_know_the_polite_answer():
+    rows = world.greeting_dialogues(500, seed=0, polite_fraction=0.2)
+    polite = [r for r in rows if r["polite"]]
+    assert 0.1 < len(polite) / len(rows) < 0.3
+    assert all(r["completion"] == r["answer"] for r in polite)
+    assert all(r["completion"] != r["answer"] for r in rows if not r["polite"])
+    test = {r["prompt"] for r in world.greeting_dialogues(100, "test")}
+    assert test and not test & {r["prompt"] for r in rows}
+    with pytest.raises(ValueError, match="polite_fraction"):
+        world.greeting_dialogues(5, polite_fraction=2)
