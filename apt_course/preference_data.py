@@ -19,6 +19,8 @@ import json
 import re
 from pathlib import Path
 
+from .formats import read_apt_json
+
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
 
@@ -106,21 +108,7 @@ def ultrafeedback_to_pairs(rows) -> list[dict]:
 
 def load_apt_pairs(source) -> list[dict]:
     """The APT pair format: a JSON file (or its parsed dict) ``{"pairs": [{"prompt", "chosen", "rejected"}]}``."""
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"APT pair file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
-        if not text.strip():
-            raise ValueError(f'APT pair file {path} is empty: it should hold {{"pairs": [{{"prompt", "chosen", '
-                             '"rejected"}]}')
-        data = json.loads(text)
-    else:
-        data = source
-    if not isinstance(data, dict) or "pairs" not in data:
-        raise KeyError('an APT pair file is a JSON object with a "pairs" list; '
-                       f"got {type(data).__name__} with keys {sorted(data) if isinstance(data, dict) else '-'}")
-    return validate_pairs(data["pairs"], "APT pairs")
+    return validate_pairs(read_apt_json(source, "pairs", "APT pair"), "APT pairs")
 
 
 def read_jsonl(path) -> list[dict]:

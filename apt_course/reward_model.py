@@ -260,15 +260,3 @@ def run_trl_reward(model, tokenizer, pairs: list[dict], config: TRLRewardConfig 
     history = {"step": [r["step"] for r in logs], "loss": [r["loss"] for r in logs],
                "acc": [r.get("accuracy", float("nan")) for r in logs]}
     return trainer.model, history
-
-
-def trl_reward_loss_on_batch(trainer, n: int | None = None) -> tuple[torch.Tensor, dict]:
-    """The loss TRL's ``RewardTrainer.compute_loss`` gives the first ``n`` pairs of its train set, and the
-    collated batch (``input_ids`` = chosen rows then rejected rows)."""
-    rows = [trainer.train_dataset[i] for i in range(n or len(trainer.train_dataset))]
-    batch = trainer.data_collator(rows)
-    device = next(trainer.model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
-    with torch.no_grad():
-        loss = trainer.compute_loss(trainer.model, dict(batch))
-    return loss, batch

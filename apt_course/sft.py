@@ -6,14 +6,13 @@ learned (see :func:`apt_course.lm.completion_loss`).
 
 * :func:`train_sft` / :class:`SFTConfig`: the from-scratch loop;
 * :func:`run_trl_sft` / :class:`TRLSFTConfig`: the same data through ``trl.SFTTrainer`` (prompt–completion
-  or conversational format), :func:`trl_sft_loss_on_batch` for the parity check;
+  or conversational format), :func:`apt_course.training.trl_loss_on_batch` for the parity check;
 * :func:`add_lora`, :func:`merge_and_save`: LoRA adapters with PEFT;
 * :func:`coig_to_sft`, :func:`load_apt_instructions`: real instruction data (COIG-CQIA, APT JSON) to records.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .formats import read_apt_json
 from .lm import build_batch, completion_loss
 from .tokenizer import chat_prompt, messages_for
 from .training import make_optimizer, optimizer_step, progress
@@ -177,18 +177,6 @@ def run_trl_sft(model, tokenizer, examples: list[dict], config: TRLSFTConfig = T
     return trainer.model, history
 
 
-def trl_sft_loss_on_batch(trainer, n: int | None = None) -> tuple[torch.Tensor, dict]:
-    """The loss TRL's ``SFTTrainer.compute_loss`` gives the first ``n`` rows of its train set, in order,
-    and the collated batch it saw (``input_ids``, ``labels``, ...)."""
-    rows = [trainer.train_dataset[i] for i in range(n or len(trainer.train_dataset))]
-    batch = trainer.data_collator(rows)
-    device = next(trainer.model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
-    with torch.no_grad():
-        loss = trainer.compute_loss(trainer.model, dict(batch))
-    return loss, batch
-
-
 # ---------------------------------------------------------------- LoRA with PEFT
 
 def add_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.0,
@@ -247,18 +235,4 @@ def coig_to_sft(rows) -> list[dict]:
 def load_apt_instructions(source) -> list[dict]:
     """The APT instruction format, a JSON file (or the parsed dict):
     ``{"instructions": [{"instruction": ..., "input": ..., "output": ...}, ...]}`` -> SFT records."""
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"APT instruction file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
-        if not text.strip():
-            raise ValueError(f"APT instruction file {path} is empty: it should hold "
-                             '{"instructions": [{"instruction": ..., "input": ..., "output": ...}]}')
-        data = json.loads(text)
-    else:
-        data = source
-    if not isinstance(data, dict) or "instructions" not in data:
-        raise KeyError('an APT instruction file is a JSON object with an "instructions" list; '
-                       f"got {type(data).__name__} with keys {sorted(data) if isinstance(data, dict) else '-'}")
-    return coig_to_sft(data["instructions"])
+    return coig_to_sft(read_apt_json(source, "instructions", "APT instruction"))

@@ -45,3 +45,15 @@ def progress(iterable, desc: str, total: int | None = None, disable: bool | None
     if disable is None:
         disable = os.environ.get("APT_COURSE_QUIET") == "1"
     return tqdm(iterable, desc=desc, total=total, disable=disable, mininterval=1.0)
+
+
+def trl_loss_on_batch(trainer, n: int | None = None):
+    """``(loss, batch)``: the loss a TRL trainer's ``compute_loss`` gives the first ``n`` rows of its train
+    set, in order, and the collated batch it saw — for checking a from-scratch loss against the library's."""
+    rows = [trainer.train_dataset[i] for i in range(n or len(trainer.train_dataset))]
+    batch = trainer.data_collator(rows)
+    device = next(trainer.model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+    return loss, batch

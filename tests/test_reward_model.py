@@ -30,9 +30,9 @@ from apt_course.reward_model import (
     rewards,
     score,
     train_reward_model,
-    trl_reward_loss_on_batch,
 )
 from apt_course.tokenizer import build_tokenizer
+from apt_course.training import trl_loss_on_batch
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -74,7 +74,7 @@ def test_trl_reward_trainer_gives_the_same_loss_on_a_fixed_batch(tiny_rm, center
     rm, tok = tiny_rm
     pairs = world.preference_pairs(8, "train", seed=1)
     trainer = make_trl_reward_trainer(rm, tok, pairs, TRLRewardConfig(steps=1, center_coefficient=center))
-    trl_loss, trl_batch = trl_reward_loss_on_batch(trainer)
+    trl_loss, trl_batch = trl_loss_on_batch(trainer)
     n = len(pairs)
     ours = reward_batch(tok, [p["prompt"] for p in pairs] * 2,
                         [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])

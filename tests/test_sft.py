@@ -23,9 +23,9 @@ from apt_course.sft import (
     to_sft_pairs,
     to_trl_dataset,
     train_sft,
-    trl_sft_loss_on_batch,
 )
 from apt_course.tokenizer import build_tokenizer
+from apt_course.training import trl_loss_on_batch
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -64,7 +64,7 @@ def test_prompt_tokens_are_masked_in_the_sft_batch(tok):
 def test_trl_sft_sees_the_same_tokens_and_gives_the_same_loss(tok, examples, conversational):
     model = make_tiny_model(tok, seed=0)
     trainer = make_trl_sft_trainer(model, tok, examples, TRLSFTConfig(steps=1, conversational=conversational))
-    trl_loss, trl_batch = trl_sft_loss_on_batch(trainer)
+    trl_loss, trl_batch = trl_loss_on_batch(trainer)
     prompts, completions = to_sft_pairs(examples)
     ours = build_batch(tok, prompts, completions)
     assert torch.equal(trl_batch["input_ids"], ours["input_ids"])
