@@ -36,7 +36,7 @@ import torch
 
 from .lm import generate, token_logprobs
 from .tokenizer import format_prompt
-from .training import make_optimizer, progress
+from .training import make_optimizer, optimizer_step, progress
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 
@@ -393,11 +393,7 @@ def train_grpo(model, ref_model, tokenizer, prompts, reward_fns, config: GRPOSet
                                     batch["completion_mask"], ref_logp, config.beta, config.epsilon,
                                     config.epsilon_high, config.loss_type, config.max_new_tokens,
                                     config.kl_correction)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            opt.step()
-            sched.step()
+            optimizer_step(loss, model, opt, sched, config.max_grad_norm)
         if step % config.log_every == 0 or step == config.steps - 1:
             std_g = _nanstd(total.view(-1, G), dim=1).nan_to_num(0.0)
             history["step"].append(step)

@@ -25,7 +25,7 @@ from torch import nn
 
 from .grpo import completion_logprobs, format_prompts, prompt_rows, sample_groups
 from .ppo import compute_gae, explained_variance, ppo_policy_loss, ppo_value_loss
-from .training import make_optimizer, progress
+from .training import make_optimizer, optimizer_step, progress
 
 
 class PolicyWithValue(nn.Module):
@@ -159,11 +159,7 @@ def train_rlhf(policy: PolicyWithValue, ref_model, tokenizer, prompts, reward_fn
                 pg = ppo_policy_loss(logp[m], old_logp[mb][m], adv[mb][m], config.clip)
                 vl = ppo_value_loss(values[m], old_values[mb][m], returns[mb][m], config.clip_value)
                 loss = pg + config.vf_coef * vl
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-                opt.step()
-                sched.step()
+                optimizer_step(loss, policy, opt, sched, config.max_grad_norm)
                 with torch.no_grad():
                     log_ratio = logp[m] - old_logp[mb][m]
                     stats["approx_kl"].append(((log_ratio.exp() - 1) - log_ratio).mean().item())

@@ -13,7 +13,16 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # so that `import solutions.chNN` works
 
+import pytest  # noqa: E402
+
+from apt_course.tokenizer import build_tokenizer  # noqa: E402
 from apt_course.utils import block_network, set_cpu_threads  # noqa: E402
 
 block_network()
 set_cpu_threads()  # the tiny model runs fastest on one thread (see set_cpu_threads)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The course tokenizer, built once for the whole test session."""
+    return build_tokenizer()

@@ -21,11 +21,6 @@ def sig(x):
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def models(tok):
     torch.set_num_threads(1)
     return make_tiny_model(tok, seed=1), make_tiny_model(tok, seed=0)  # policy, reference: they differ

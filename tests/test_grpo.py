@@ -24,14 +24,8 @@ from apt_course.grpo import (
     train_grpo,
 )
 from apt_course.model import make_tiny_model, save_model
-from apt_course.tokenizer import build_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,6 @@ import torch
 
 from apt_course.lm import build_batch, completion_loss, generate, sequence_logprobs, token_logprobs
 from apt_course.model import make_tiny_model
-from apt_course.tokenizer import build_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,9 @@ import torch
 
 from apt_course import dpo, orpo, world
 from apt_course.model import make_tiny_model
-from apt_course.tokenizer import build_tokenizer, chat_prompt
+from apt_course.tokenizer import chat_prompt
 
 T = torch.tensor
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
 
 
 def test_log1mexp_is_stable_and_exact():

@@ -24,15 +24,9 @@ from apt_course.sft import (
     to_trl_dataset,
     train_sft,
 )
-from apt_course.tokenizer import build_tokenizer
 from apt_course.training import trl_loss_on_batch
 
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
 
 
 @pytest.fixture(scope="module")
