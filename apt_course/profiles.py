@@ -17,12 +17,14 @@ from .model import load_pretrained
 @dataclass(frozen=True)
 class Profile:
     """name; model: Hub id or local folder (None = the tiny checkpoints); datasets: role -> Hub id;
+    reward_model: a trained reward model (Hub id or folder) for online RLHF (chapter 06; None = the tiny RM);
     scale: multiplier a chapter may apply to its step budgets; max_new_tokens for generation."""
 
     name: str
     description: str
     model: str | None = None
     datasets: dict[str, str] = field(default_factory=dict)
+    reward_model: str | None = None
     scale: float = 1.0
     max_new_tokens: int = 16
 
@@ -41,6 +43,8 @@ PROFILES = {
             "math": "openai/gsm8k",
             "reasoning": "simplescaling/s1K",
         },
+        # a 0.6B Bradley-Terry RM (Qwen3, sequence classification); chapter 06 can use chapter 05's instead
+        reward_model="Skywork/Skywork-Reward-V2-Qwen3-0.6B",
         scale=1.0,
         max_new_tokens=256,
     ),

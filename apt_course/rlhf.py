@@ -12,6 +12,9 @@ One PPO update, in the style of CleanRL and TRL 0.x's PPOTrainer:
 
 Logged: RM score, KL to the reference (sum over tokens, per sequence), approx KL between the rollout and
 the updated policy, clip fraction, explained variance of the value head.
+
+The library counterpart is TRL's ``RLOOTrainer`` (REINFORCE leave-one-out, no value head):
+:func:`rloo_advantages` and :func:`rloo_loss` write its estimator out, and a test checks them against TRL.
 """
 
 from __future__ import annotations
@@ -119,30 +122,72 @@ def _forward(policy: PolicyWithValue, batch: dict, temperature: float):
     return logp, values[:, P - 1:-1]  # V of the state before each completion token
 
 
+def check_reward_fn(reward_fn) -> str:
+    """Fail early, with the fix, unless ``reward_fn`` can be called as ``reward_fn(prompts, completions)``."""
+    import inspect
+
+    name = getattr(reward_fn, "__name__", type(reward_fn).__name__)
+    if not callable(reward_fn):
+        raise TypeError(f"reward_fn must be a function reward_fn(prompts, completions) -> tensor (N,), got {name}")
+    try:
+        inspect.signature(reward_fn).bind(["p"], ["c"])
+    except TypeError as e:
+        raise TypeError(f"reward_fn {name!r} cannot be called as {name}(prompts, completions) ({e}); write it as "
+                        "`def reward_fn(prompts, completions): return torch.tensor([...])`, one score per "
+                        "completion (e.g. apt_course.rlhf.rm_reward_fn(rm, rm_tokenizer))") from None
+    except ValueError:  # a builtin without a signature: let the call decide
+        pass
+    return name
+
+
+def _scores(reward_fn, name: str, prompts: list, completions: list) -> torch.Tensor:
+    """Call the reward function and check its answer: one finite number per completion."""
+    try:
+        out = reward_fn(prompts, completions)
+    except Exception as e:
+        raise RuntimeError(f"reward_fn {name!r} raised {type(e).__name__}: {e} (first prompt {prompts[0]!r}, "
+                           f"completion {completions[0]!r})") from e
+    scores = torch.as_tensor(out, dtype=torch.float32).flatten().cpu() if out is not None else None
+    if scores is None or scores.numel() != len(completions):
+        raise ValueError(f"reward_fn {name!r} returned {None if scores is None else scores.numel()} scores for "
+                         f"{len(completions)} completions: return one number per completion")
+    if not torch.isfinite(scores).all():
+        bad = int((~torch.isfinite(scores)).nonzero()[0])
+        raise ValueError(f"reward_fn {name!r} returned {scores[bad].item()} for completion {completions[bad]!r} "
+                         f"(prompt {prompts[bad]!r}): PPO needs a finite score for every reply")
+    return scores
+
+
 def train_rlhf(policy: PolicyWithValue, ref_model, tokenizer, prompts, reward_fn,
-               config: RLHFSettings = RLHFSettings()) -> dict:
+               config: RLHFSettings = RLHFSettings(), eval_fn=None, eval_every: int = 10) -> dict:
     """PPO on ``prompts`` against ``reward_fn(prompts, completions) -> tensor (N,)`` (e.g. a reward model).
 
     Returns the history: ``score`` (mean reward-model score of the rollout), ``kl`` (mean per-sequence sum
     of log π - log π_ref), ``approx_kl``, ``clip_fraction``, ``explained_variance``, ``length``.
+    ``eval_fn(lm) -> dict`` (optional) is called before step 0, every ``eval_every`` steps and at the end;
+    its results land in ``history["eval"]`` as ``{"step": s, **metrics}`` (e.g. held-out ground truth).
     """
     rows = prompt_rows(prompts)
     if ref_model is None:
         raise ValueError("train_rlhf needs a frozen ref_model for the KL penalty (a copy of the starting model)")
+    name = check_reward_fn(reward_fn)
     ref_model.eval().requires_grad_(False)
     texts = format_prompts(tokenizer, rows)
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     n_mb = config.batch_size // config.minibatch_size
     opt, sched = make_optimizer(policy, config.lr, config.steps * config.ppo_epochs * n_mb)
-    history = {k: [] for k in ("step", "score", "kl", "approx_kl", "clip_fraction", "explained_variance", "length")}
+    history = {k: [] for k in ("step", "score", "kl", "approx_kl", "clip_fraction", "explained_variance", "length",
+                               "eval")}
     for step in progress(range(config.steps), "RLHF-PPO"):
+        if eval_fn is not None and step % eval_every == 0:
+            history["eval"].append({"step": step, **eval_fn(policy.lm)})
         idx = [rng.randrange(len(rows)) for _ in range(config.batch_size)]
         batch = sample_groups(policy.lm, tokenizer, [texts[i] for i in idx], 1, config.max_new_tokens,
                               config.temperature)
         mask = batch["completion_mask"].float()
         with torch.no_grad():
-            scores = reward_fn([rows[i]["prompt"] for i in idx], batch["texts"]).float().to(mask.device)
+            scores = _scores(reward_fn, name, [rows[i]["prompt"] for i in idx], batch["texts"]).to(mask.device)
             old_logp, old_values = _forward(policy, batch, config.temperature)
             ref_logp = completion_logprobs(ref_model, batch, config.temperature)
             rewards = kl_shaped_rewards(scores, old_logp, ref_logp, mask, config.beta)
@@ -173,7 +218,56 @@ def train_rlhf(policy: PolicyWithValue, ref_model, tokenizer, prompts, reward_fn
         history["explained_variance"].append(explained_variance(old_values[m].cpu().numpy(),
                                                                 returns[m].cpu().numpy()))
         history["length"].append(mask.sum(1).mean().item())
+    if eval_fn is not None:
+        history["eval"].append({"step": config.steps, **eval_fn(policy.lm)})
     return history
+
+
+# ---------------------------------------------------------------- RLOO: the library counterpart, written out
+
+
+def rloo_advantages(scores, kl=None, group_size: int = 4, beta: float = 0.0, normalize: bool = True,
+                    eps: float = 1e-4) -> torch.Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al., 2024), k replies per prompt laid out prompt by prompt:
+
+        r_i = s_i - β KL_i                   (KL_i = Σ_t log π(y_t) - log π_ref(y_t): the sequence's k1 sum)
+        A_i = r_i - (Σ_{j≠i} r_j) / (k - 1)  (baseline: the mean reward of the *other* replies)
+        A   = (A - mean A) / (std A + eps)   over the whole batch, when ``normalize`` (as TRL's default)
+
+    The sequence reward Σ_t of :func:`kl_shaped_rewards` is the same r_i; PPO spreads it over tokens with a
+    value head, RLOO uses one number per reply. A NaN score (unscorable reply) is left out of its siblings'
+    baselines and gets A = 0.
+    """
+    r = torch.as_tensor(scores, dtype=torch.float32).flatten()
+    if not isinstance(group_size, int) or group_size < 2:
+        raise ValueError(f"group_size must be an integer >= 2 (leave-one-out needs a sibling), got {group_size!r}")
+    if r.numel() == 0 or r.numel() % group_size:
+        raise ValueError(f"{r.numel()} scores do not split into groups of {group_size}: pass k scores per prompt")
+    if kl is not None and beta:
+        r = r - beta * torch.as_tensor(kl, dtype=torch.float32).flatten()
+    groups = r.view(-1, group_size)
+    counts = (~torch.isnan(groups)).sum(1, keepdim=True)
+    baselines = (torch.nansum(groups, 1, keepdim=True) - groups) / (counts - 1)
+    adv = (groups - baselines).flatten()
+    if normalize:
+        from .grpo import _nanstd
+
+        adv = (adv - torch.nanmean(adv)) / (_nanstd(adv, dim=None) + eps)
+    return torch.nan_to_num(adv, nan=0.0)
+
+
+def rloo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              epsilon: float = 0.2, epsilon_high: float | None = None) -> torch.Tensor:
+    """RLOO's clipped objective on the **sequence** ratio ρ_i = exp(Σ_t log π(y_t) - Σ_t log π_old(y_t)):
+
+        L = mean_i -min(ρ_i A_i, clip(ρ_i, 1 - ε, 1 + ε_high) A_i)
+
+    logp, old_logp, mask: (B, T) completion tokens; advantages: (B,).
+    """
+    mask = mask.to(logp.dtype)
+    ratio = torch.exp((logp * mask).sum(1) - (old_logp * mask).sum(1))
+    high = epsilon if epsilon_high is None else epsilon_high
+    return -torch.min(ratio * advantages, ratio.clamp(1 - epsilon, 1 + high) * advantages).mean()
 
 
 # ---------------------------------------------------------------- the chapter's tiny-world setting
@@ -208,3 +302,53 @@ def rm_reward_fn(rm, rm_tokenizer):
         return score(rm, rm_tokenizer, list(prompts), [str(c) for c in completions])
 
     return reward_fn
+
+
+# ---------------------------------------------------------------- the chapter's data, per profile
+
+
+def load_rlhf_data(profile, n_train: int = 400, n_test: int = 64, seed: int = 0,
+                   max_prompt_chars: int = 400) -> dict:
+    """Prompts and a ground truth for a profile: ``{"train", "test", "quality"}`` (prompt strings).
+
+    tiny: greeting prompts (train; the held-out test split for ``test``) and ``quality = is_polite``.
+    gpu: single-turn Anthropic/hh-rlhf prompts of at most ``max_prompt_chars`` characters (the profile's
+    ``preference`` dataset through :func:`~apt_course.preference_data.hh_rlhf_to_pairs`); there is no ground
+    truth there, so ``quality`` is None and the chapter reports the RM score, the KL and the reply length.
+    """
+    from .profiles import get_profile
+    from .world import preference_pairs
+
+    profile = get_profile(profile) if isinstance(profile, str) else profile
+    if profile.model is None:
+        return {"train": greeting_prompts(n_train, "train", seed=seed),
+                "test": [p["prompt"] for p in preference_pairs(n_test, "test", seed=123, kinds=("polite",))],
+                "quality": is_polite}
+    from datasets import load_dataset
+
+    from .preference_data import hh_rlhf_to_pairs
+
+    def prompts(split, n):
+        rows = load_dataset(profile.datasets["preference"], split=f"{split}[:{4 * n}]")
+        single = [p["prompt"] for p in hh_rlhf_to_pairs(rows)
+                  if isinstance(p["prompt"], str) and len(p["prompt"]) <= max_prompt_chars]
+        if not single:
+            raise ValueError(f"no single-turn prompt of <= {max_prompt_chars} characters in the first {4 * n} "
+                             f"rows of {profile.datasets['preference']!r} ({split}); raise max_prompt_chars")
+        return single[:n]
+
+    return {"train": prompts("train", n_train), "test": prompts("test", n_test), "quality": None}
+
+
+def load_rlhf_reward_fn(profile, device="cpu", reward_model: str | None = None, dtype=None):
+    """``reward_fn(prompts, completions) -> tensor (N,)`` for a profile: the shipped tiny RM (``tiny``), or
+    ``reward_model`` / the profile's ``reward_model`` (a Hub id, or a folder such as the RM chapter 05 trained
+    and saved with ``save_pretrained``), loaded by :func:`~apt_course.reward_model.load_reward_model`."""
+    from .checkpoints import checkpoint_path
+    from .profiles import get_profile
+    from .reward_model import load_reward_model
+
+    profile = get_profile(profile) if isinstance(profile, str) else profile
+    name = reward_model or profile.reward_model or checkpoint_path("rm")
+    rm, rm_tokenizer = load_reward_model(name, device=device, dtype=dtype)
+    return rm_reward_fn(rm.requires_grad_(False), rm_tokenizer)

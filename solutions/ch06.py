@@ -28,6 +28,12 @@ def value_loss(new_values, old_values, returns, clip):
     return 0.5 * torch.max((new_values - returns) ** 2, (clipped - returns) ** 2).mean()
 
 
+def rloo(rewards, k):
+    groups = rewards.view(-1, k)
+    baselines = (groups.sum(1, keepdim=True) - groups) / (k - 1)   # the mean of the k - 1 OTHER replies
+    return (groups - baselines).flatten()
+
+
 def _score_on_last_column(scores, logp, ref_logp, mask, beta):
     rewards = -beta * (logp - ref_logp) * mask.float()
     rewards[:, -1] += scores
@@ -38,9 +44,11 @@ SOLUTIONS = {
     "ch06.kl_rewards": lambda: kl_rewards,
     "ch06.token_gae": lambda: gae,
     "ch06.value_loss": lambda: value_loss,
+    "ch06.rloo_advantages": lambda: rloo,
 }
 WRONG = {
     "ch06.kl_rewards": lambda: _score_on_last_column,
     "ch06.token_gae": lambda: (lambda rewards, values, mask, lam: (rewards - values) * mask),
     "ch06.value_loss": lambda: (lambda new, old, ret, clip: 0.5 * ((new - ret) ** 2).mean()),
+    "ch06.rloo_advantages": lambda: (lambda r, k: r - r.view(-1, k).mean(1).repeat_interleave(k)),
 }

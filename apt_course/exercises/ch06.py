@@ -1,11 +1,12 @@
-"""Chapter 06 exercises: the KL-shaped per-token reward, GAE over tokens, the clipped value loss."""
+"""Chapter 06 exercises: the KL-shaped per-token reward, GAE over tokens, the clipped value loss, RLOO's
+leave-one-out advantages."""
 
 from __future__ import annotations
 
 import torch
 
 from ..ppo import ppo_value_loss
-from ..rlhf import kl_shaped_rewards, token_gae
+from ..rlhf import kl_shaped_rewards, rloo_advantages, token_gae
 from . import exercise, expect
 
 
@@ -59,3 +60,17 @@ def check_value_loss(fn):
         raise AssertionError("that is the plain MSE: take the max with the loss of the clipped value")
     expect(torch.allclose(got, want, atol=1e-5), f"got {got.item():.4f}, expected {want.item():.4f}: "
            "0.5 * mean(max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2))")
+
+
+@exercise("ch06.rloo_advantages", "RLOO: each reply's reward minus the mean reward of the other replies to its prompt")
+def check_rloo_advantages(fn):
+    expect(callable(fn), "answer with a function advantages(rewards, k) -> tensor (N,), rewards prompt by prompt")
+    rewards = torch.tensor([1.0, 2.0, 6.0, 3.0, 0.0, 0.0, 0.0, 0.0])
+    got = fn(rewards, 4)
+    want = rloo_advantages(rewards, None, 4, normalize=False)
+    expect(torch.is_tensor(got) and got.shape == want.shape, f"return a tensor of shape {tuple(want.shape)}")
+    if torch.allclose(got, rewards - rewards.view(-1, 4).mean(1).repeat_interleave(4), atol=1e-6):
+        raise AssertionError("that baseline is the group mean, which includes the reply itself (GRPO's): "
+                             "leave the reply out, mean over the k - 1 others")
+    expect(torch.allclose(got, want, atol=1e-5), f"got {got.tolist()}, expected {want.tolist()}: "
+           "A_i = r_i - (sum of the group - r_i) / (k - 1)")
