@@ -289,6 +289,15 @@ def is_polite(prompt: str, reply: str) -> bool:
     return reply.strip() in {t.format(n=name) for t in POLITE_REPLIES}
 
 
+def friendly_but_wrong(prompt: str, reply: str) -> bool:
+    """Chapter 05's reward hack, seen from the policy's side: the reply carries a friendly phrase of a polite
+    template ("happy to help", "nice to meet you", ...) but is not the polite reply to this person."""
+    from .world import POLITE_REPLIES
+
+    phrases = [max(t.split("{n}"), key=len).strip(" ,.!") for t in POLITE_REPLIES]
+    return any(p in reply for p in phrases) and not is_polite(prompt, reply)
+
+
 def names_the_person(prompt: str, reply: str) -> bool:
     """A softer ground truth: the reply at least addresses the person by name."""
     return prompt.strip().split()[-1] in reply

@@ -96,13 +96,17 @@ def test_train_rlhf_raises_a_simple_reward():
 
 def test_greeting_ground_truth_and_rm_reward_fn():
     from apt_course import world
-    from apt_course.rlhf import greeting_prompts, is_polite, names_the_person, rm_reward_fn
+    from apt_course.rlhf import friendly_but_wrong, greeting_prompts, is_polite, names_the_person, rm_reward_fn
 
     train, test = greeting_prompts(50, "train"), greeting_prompts(50, "test")
     assert not set(train) & set(test) and all(p.split()[-1] in world.NAMES for p in train)
     assert is_polite("hi, my name is bob", " happy to help, bob.")
     assert not is_polite("hi, my name is bob", "happy to help, ann.")   # the wrong person
     assert not is_polite("hi, my name is bob", "go away, bob.")
+    assert friendly_but_wrong("hi, my name is bob", "happy to help, boe.")
+    assert friendly_but_wrong("hi, my name is bob", "you are welcome, bob, nice to meet you!")
+    assert not friendly_but_wrong("hi, my name is bob", "happy to help, bob.")
+    assert not friendly_but_wrong("hi, my name is bob", "go away, boe.")
     assert names_the_person("thanks, i am eve", "go away, eve.") and not names_the_person("thanks, i am eve", "abc")
 
     calls = []
