@@ -96,7 +96,13 @@ def test_train_rlhf_raises_a_simple_reward():
 
 def test_greeting_ground_truth_and_rm_reward_fn():
     from apt_course import world
-    from apt_course.rlhf import friendly_but_wrong, greeting_prompts, is_polite, names_the_person, rm_reward_fn
+    from apt_course.rlhf import (
+        friendly_but_wrong,
+        greeting_prompts,
+        is_polite,
+        names_the_person,
+        rm_reward_fn,
+    )
 
     train, test = greeting_prompts(50, "train"), greeting_prompts(50, "test")
     assert not set(train) & set(test) and all(p.split()[-1] in world.NAMES for p in train)
