@@ -10,13 +10,27 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+MAX_LENGTH = 1024  # TRL's default for SFT, DPO and reward training; the tiny world never comes near it
+
+
+def truncate_pair(p_ids: list[int], c_ids: list[int], max_length: int | None) -> tuple[list[int], list[int]]:
+    """Fit prompt + completion into ``max_length`` tokens: drop prompt tokens from the **left** first (the end
+    of a conversation, the question being answered, matters most), keeping at least half the budget for it,
+    then cut the completion on the right."""
+    if max_length is None or len(p_ids) + len(c_ids) <= max_length:
+        return p_ids, c_ids
+    keep_prompt = max(max_length - len(c_ids), max_length // 2)
+    p_ids = p_ids[-keep_prompt:] if keep_prompt < len(p_ids) else p_ids
+    return p_ids, c_ids[:max_length - len(p_ids)]
+
 
 def build_batch(tokenizer, prompts: list[str], completions: list[str], add_eos: bool = True,
-                device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+                device: torch.device | str = "cpu", max_length: int | None = MAX_LENGTH) -> dict[str, torch.Tensor]:
     """Tokenise prompt + completion pairs into a right-padded batch.
 
     Returns ``input_ids``, ``attention_mask``, ``completion_mask`` (1 on completion tokens, EOS included)
-    and ``labels`` (= input ids, -100 on prompt and padding: the completion-only loss).
+    and ``labels`` (= input ids, -100 on prompt and padding: the completion-only loss). Rows longer than
+    ``max_length`` tokens are cut by :func:`truncate_pair` (None: never).
     """
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions: they must pair up")
@@ -28,6 +42,7 @@ def build_batch(tokenizer, prompts: list[str], completions: list[str], add_eos: 
         c_ids = tokenizer(c, add_special_tokens=False)["input_ids"]
         if add_eos:
             c_ids = c_ids + [tokenizer.eos_token_id]
+        p_ids, c_ids = truncate_pair(p_ids, c_ids, max_length)
         rows.append(p_ids + c_ids)
         masks.append([0] * len(p_ids) + [1] * len(c_ids))
     width = max(len(r) for r in rows)

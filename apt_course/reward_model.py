@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .lm import MAX_LENGTH
 from .preference_data import validate_pairs
 from .tokenizer import format_prompt
 from .training import make_optimizer, optimizer_step, progress
@@ -57,8 +58,10 @@ def load_reward_model(path_or_name, device: torch.device | str = "cpu", dtype: t
     return rm.to(device), tokenizer
 
 
-def reward_batch(tokenizer, prompts, completions, systems=None, device="cpu") -> dict[str, torch.Tensor]:
-    """Tokenise ``prompt + completion + <eos>`` for each pair (right-padded)."""
+def reward_batch(tokenizer, prompts, completions, systems=None, device="cpu",
+                 max_length: int | None = MAX_LENGTH) -> dict[str, torch.Tensor]:
+    """Tokenise ``prompt + completion + <eos>`` for each pair (right-padded). A row longer than
+    ``max_length`` tokens loses tokens from its **start**: the reward is read at the end, so the end stays."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions: they must pair up")
     if not prompts:
@@ -66,7 +69,13 @@ def reward_batch(tokenizer, prompts, completions, systems=None, device="cpu") ->
     systems = systems or [None] * len(prompts)
     texts = [format_prompt(tokenizer, p, s) + str(c) + tokenizer.eos_token
              for p, c, s in zip(prompts, completions, systems)]
-    enc = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    try:
+        enc = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False,
+                        truncation=max_length is not None, max_length=max_length)
+    finally:
+        tokenizer.truncation_side = side
     return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
 
 

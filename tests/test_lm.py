@@ -3,7 +3,14 @@ import math
 import pytest
 import torch
 
-from apt_course.lm import build_batch, completion_loss, generate, sequence_logprobs, token_logprobs
+from apt_course.lm import (
+    build_batch,
+    completion_loss,
+    generate,
+    sequence_logprobs,
+    token_logprobs,
+    truncate_pair,
+)
 from apt_course.model import make_tiny_model
 
 
@@ -70,3 +77,22 @@ def test_generate_batched_equals_one_by_one(tok, model):
     assert batched == single and len(batched) == 3
     samples = generate(model, tok, prompts[:1], max_new_tokens=6, do_sample=True, num_return_sequences=4)
     assert len(samples) == 4
+
+
+def test_long_rows_are_truncated_prompt_end_kept(tok):
+    assert truncate_pair([1, 2, 3], [4, 5], 10) == ([1, 2, 3], [4, 5])        # fits: untouched
+    assert truncate_pair([1, 2, 3, 4, 5, 6], [7, 8], 6) == ([3, 4, 5, 6], [7, 8])  # the prompt's start goes
+    assert truncate_pair([1, 2, 3, 4], [5, 6, 7, 8, 9, 10], 6) == ([2, 3, 4], [5, 6, 7])  # half the budget kept
+    assert truncate_pair([1] * 50, [2] * 50, None) == ([1] * 50, [2] * 50)
+    batch = build_batch(tok, ["<|user|>" + "a" * 40 + "<|assistant|>"], ["bcd"], max_length=12)
+    assert batch["input_ids"].shape == (1, 12)
+    assert tok.decode(batch["input_ids"][0, -5:]) == "<|assistant|>bcd<eos>", "the prompt's end and the reply stay"
+    assert batch["completion_mask"][0].tolist() == [0] * 8 + [1] * 4
+
+
+def test_reward_batch_truncates_from_the_left(tok):
+    from apt_course.reward_model import reward_batch
+
+    batch = reward_batch(tok, ["x" * 50], ["yes"], max_length=10)
+    assert batch["input_ids"].shape == (1, 10) and tok.decode(batch["input_ids"][0, -4:]) == "yes<eos>"
+    assert tok.truncation_side == "right", "the tokenizer's own setting is restored"
