@@ -26,3 +26,11 @@ set_cpu_threads()  # the tiny model runs fastest on one thread (see set_cpu_thre
 def tok():
     """The course tokenizer, built once for the whole test session."""
     return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tok, tmp_path_factory):
+    """A fresh tiny model (seed 0) saved with its tokenizer: what the TRL trainers load by path."""
+    from apt_course.model import make_tiny_model, save_model
+
+    return str(save_model(make_tiny_model(tok, seed=0), tok, tmp_path_factory.mktemp("tiny")))

@@ -23,14 +23,9 @@ from apt_course.grpo import (
     score_completions,
     train_grpo,
 )
-from apt_course.model import make_tiny_model, save_model
+from apt_course.model import make_tiny_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-@pytest.fixture(scope="module")
-def tiny_path(tok, tmp_path_factory):
-    return str(save_model(make_tiny_model(tok, seed=0), tok, tmp_path_factory.mktemp("tiny")))
 
 
 # ---------------------------------------------------------------- advantages, KL, loss by hand

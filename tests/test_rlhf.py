@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from apt_course.grpo import completion_logprobs, sample_groups
-from apt_course.model import make_tiny_model, save_model
+from apt_course.model import make_tiny_model
 from apt_course.rlhf import (
     PolicyWithValue,
     RLHFSettings,
@@ -20,14 +20,8 @@ from apt_course.rlhf import (
     token_gae,
     train_rlhf,
 )
-from apt_course.tokenizer import build_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-@pytest.fixture(scope="module")
-def tiny_path(tok, tmp_path_factory):
-    return str(save_model(make_tiny_model(tok, seed=0), tok, tmp_path_factory.mktemp("tiny")))
 
 
 def test_kl_shaped_rewards_by_hand():
@@ -51,8 +45,7 @@ def test_token_gae_by_hand():
     assert torch.allclose(ret, adv + values * mask, atol=1e-6)
 
 
-def test_value_head_starts_at_zero_and_settings_are_checked():
-    tok = build_tokenizer()
+def test_value_head_starts_at_zero_and_settings_are_checked(tok):
     policy = PolicyWithValue(make_tiny_model(tok))
     ids = tok(["<|user|>add 1 2<|assistant|>3"], return_tensors="pt", add_special_tokens=False)
     logits, values = policy(ids["input_ids"], ids["attention_mask"])
@@ -77,10 +70,8 @@ def test_bad_reward_functions_are_clear_errors(tok, reward_fn, error, msg):
                    RLHFSettings(steps=1, batch_size=4, minibatch_size=2, ppo_epochs=1, max_new_tokens=2))
 
 
-def test_train_rlhf_raises_a_simple_reward():
+def test_train_rlhf_raises_a_simple_reward(tok):
     """Reward: the fraction of digits in the completion; PPO should raise it on a fresh tiny model."""
-    torch.set_num_threads(1)
-    tok = build_tokenizer()
     lm = make_tiny_model(tok, seed=0)
     policy = PolicyWithValue(lm)
 
@@ -94,7 +85,7 @@ def test_train_rlhf_raises_a_simple_reward():
     assert history["kl"][-1] > 0 and set(history) >= {"approx_kl", "clip_fraction", "explained_variance"}
 
 
-def test_greeting_ground_truth_and_rm_reward_fn():
+def test_greeting_ground_truth_and_rm_reward_fn(tok):
     from apt_course import world
     from apt_course.rlhf import (
         friendly_but_wrong,
@@ -126,7 +117,6 @@ def test_greeting_ground_truth_and_rm_reward_fn():
             calls.append(input_ids.shape)
             return type("Out", (), {"logits": attention_mask.sum(1, keepdim=True).float() * self.w})()
 
-    tok = build_tokenizer()
     fn = rm_reward_fn(FakeRM(), tok)
     got = fn(["hello, i am ann", "hello, i am ann"], ["hi", "hello ann"])
     assert got.shape == (2,) and got[1] - got[0] == 7 and calls
