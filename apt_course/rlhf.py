@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .grpo import completion_logprobs, format_prompts, prompt_rows, sample_groups
+from .grpo import _nanstd, completion_logprobs, format_prompts, prompt_rows, sample_groups
 from .ppo import compute_gae, explained_variance, ppo_policy_loss, ppo_value_loss
 from .training import make_optimizer, optimizer_step, progress
 
@@ -250,8 +250,6 @@ def rloo_advantages(scores, kl=None, group_size: int = 4, beta: float = 0.0, nor
     baselines = (torch.nansum(groups, 1, keepdim=True) - groups) / (counts - 1)
     adv = (groups - baselines).flatten()
     if normalize:
-        from .grpo import _nanstd
-
         adv = (adv - torch.nanmean(adv)) / (_nanstd(adv, dim=None) + eps)
     return torch.nan_to_num(adv, nan=0.0)
 
@@ -275,7 +273,8 @@ def rloo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
 
 def greeting_prompts(n: int, split: str = "train", seed: int = 0) -> list[str]:
     """Greeting prompts (``"hello, i am ann"``) of the polite/rude preference pairs: the shipped RM ranks
-    those pairs perfectly, while the SFT checkpoint never saw a greeting in chat format (room to improve)."""
+    those pairs perfectly, while the SFT checkpoint, taught from greetings answered politely only a fifth of
+    the time, replies rudely when greedy (room to improve)."""
     from .world import preference_pairs
 
     return [p["prompt"] for p in preference_pairs(n, split, seed=seed, kinds=("polite",))]
