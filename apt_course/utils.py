@@ -35,11 +35,16 @@ def get_device(prefer: str | None = None, verbose: bool = True) -> torch.device:
     return device
 
 
+def bf16_supported(device: torch.device | str) -> bool:
+    """True on a GPU with native bf16 (compute capability >= 8: A100, L4, H100...). A Colab T4 (7.5) only
+    emulates bf16, slowly, and TRL/transformers may refuse ``bf16=True`` there: pass ``bf16=bf16_supported(device)``."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def get_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on GPUs that support it, float32 elsewhere (the tiny model trains in float32 on CPU)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    """bf16 on GPUs with native support, float32 elsewhere (the tiny model trains in float32 on CPU)."""
+    return torch.bfloat16 if bf16_supported(device) else torch.float32
 
 
 def set_seed(seed: int) -> None:

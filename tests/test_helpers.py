@@ -10,7 +10,7 @@ import torch
 from apt_course.plots import before_after, smooth
 from apt_course.results import ResultsRecorder, format_report, load_results
 from apt_course.training import make_optimizer
-from apt_course.utils import NetworkBlockedError, get_device, set_seed
+from apt_course.utils import NetworkBlockedError, bf16_supported, get_device, set_seed
 
 
 def test_recorder_writes_the_documented_record(tmp_path):
@@ -73,3 +73,11 @@ def test_smooth_and_before_after():
     assert smooth([1, 2, 3, 4], 2) == [1, 1.5, 2.5, 3.5]
     table = before_after({"acc": 0.2}, {"acc": 0.9})
     assert table.loc["acc", "change"] == pytest.approx(0.7)
+
+
+def test_bf16_only_on_gpus_with_native_support(monkeypatch):
+    assert not bf16_supported("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, native in (((7, 5), False), ((8, 0), True), ((9, 0), True)):  # T4, A100, H100
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert bf16_supported("cuda") is native
