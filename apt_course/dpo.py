@@ -329,7 +329,7 @@ def preference_accuracy(model, tokenizer, pairs: list[dict], ref=None, normalize
         c, r = c - rc, r - rr
     elif normalize:
         c, r = c / lc, r / lr
-    return (c > r).float().mean().item()
+    return (c > r).double().mean().item()  # float64: 132/150 is 0.88, not 0.8799999
 
 
 def score_reply(pair: dict, reply: str) -> int:

@@ -179,7 +179,7 @@ def reward_margins(rm, tokenizer, pairs: list[dict]) -> torch.Tensor:
 
 def preference_accuracy(rm, tokenizer, pairs: list[dict]) -> float:
     """Fraction of pairs the RM ranks right: r(chosen) > r(rejected)."""
-    return (reward_margins(rm, tokenizer, pairs) > 0).float().mean().item()
+    return (reward_margins(rm, tokenizer, pairs) > 0).double().mean().item()
 
 
 # ---------------------------------------------------------------- reward hacking
@@ -211,7 +211,7 @@ def hack_rate(rm, tokenizer, records: list[dict], make_hack=hacked_response) -> 
     prompts = [r["prompt"] for r in records]
     correct = score(rm, tokenizer, prompts, [r["answer"] for r in records])
     hacked = score(rm, tokenizer, prompts, [make_hack(r) for r in records])
-    return (hacked > correct).float().mean().item()
+    return (hacked > correct).double().mean().item()
 
 
 # ---------------------------------------------------------------- the same pairs through TRL
