@@ -34,3 +34,29 @@ def tiny_path(tok, tmp_path_factory):
     from apt_course.model import make_tiny_model, save_model
 
     return str(save_model(make_tiny_model(tok, seed=0), tok, tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="session")
+def online_trainer(tiny_path, tok):
+    """``make(name, rows, reward_funcs, **config) -> (trainer, dataset)``: TRL's ``GRPOTrainer`` (name "GRPO") or
+    ``RLOOTrainer`` ("RLOO") on the tiny model, set up as the parity tests need it: one step of 8 completions
+    (4 per prompt, at most 6 tokens), CPU, float32, quiet, in training mode."""
+
+    def make(name, rows, reward_funcs, **kwargs):
+        import tempfile
+
+        import trl
+        from datasets import Dataset
+
+        config_cls, trainer_cls = getattr(trl, f"{name}Config"), getattr(trl, f"{name}Trainer")
+        ds = Dataset.from_list(rows)
+        args = config_cls(output_dir=tempfile.mkdtemp(), report_to="none", use_cpu=True, bf16=False, max_steps=1,
+                          per_device_train_batch_size=8, num_generations=4, max_completion_length=6,
+                          save_strategy="no", disable_tqdm=True, **kwargs)
+        trainer = trainer_cls(model=tiny_path, reward_funcs=reward_funcs, args=args, train_dataset=ds,
+                              processing_class=tok)
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1  # what Trainer.train sets before the loss is computed
+        return trainer, ds
+
+    return make

@@ -2,7 +2,6 @@
 
 import copy
 import math
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -91,37 +90,26 @@ def test_grpo_loss_rejects_unknown_loss_type():
 
 # ---------------------------------------------------------------- parity with TRL
 
-def _trainer(path, tok, reward_funcs, **kwargs):
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
-
-    ds = Dataset.from_list([{"prompt": "<|user|>add 1 2<|assistant|>", "answer": "3"}] * 4
-                           + [{"prompt": "<|user|>sort 21<|assistant|>", "answer": "12"}] * 4)
-    args = GRPOConfig(output_dir=tempfile.mkdtemp(), report_to="none", use_cpu=True, bf16=False, max_steps=1,
-                      per_device_train_batch_size=8, num_generations=4, max_completion_length=6,
-                      save_strategy="no", disable_tqdm=True, **kwargs)
-    trainer = GRPOTrainer(model=path, reward_funcs=reward_funcs, args=args, train_dataset=ds, processing_class=tok)
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1
-    return trainer, ds
+ROWS = ([{"prompt": "<|user|>add 1 2<|assistant|>", "answer": "3"}] * 4
+        + [{"prompt": "<|user|>sort 21<|assistant|>", "answer": "12"}] * 4)
 
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
-def test_advantages_match_trl(tiny_path, tok, scale):
+def test_advantages_match_trl(online_trainer, scale):
     fixed = [1.0, 0.0, 0.0, 1.0, 0.5, None, 0.5, 2.0]
 
     def fixed_reward(prompts, completions, **kwargs):
         return list(fixed)
 
-    trainer, ds = _trainer(tiny_path, tok, [fixed_reward], beta=0.0, scale_rewards=scale)
+    trainer, ds = online_trainer("GRPO", ROWS, [fixed_reward], beta=0.0, scale_rewards=scale)
     out = trainer._generate_and_score_completions([ds[i] for i in range(8)])
     mine = group_advantages([float("nan") if v is None else v for v in fixed], 4, scale)
     assert torch.allclose(out["advantages"], mine, atol=1e-6)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
-def test_loss_and_gradient_match_trl(tiny_path, tok, loss_type):
-    trainer, _ = _trainer(tiny_path, tok, [rewards.correctness_reward], beta=0.1, loss_type=loss_type, epsilon=0.2)
+def test_loss_and_gradient_match_trl(online_trainer, tok, loss_type):
+    trainer, _ = online_trainer("GRPO", ROWS, [rewards.correctness_reward], beta=0.1, loss_type=loss_type, epsilon=0.2)
     model = trainer.model
     torch.manual_seed(0)
     batch = sample_groups(model, tok, ["<|user|>add 1 2<|assistant|>", "<|user|>sort 321<|assistant|>"], 4, 6)

@@ -3,7 +3,6 @@ batch, a smoke run, and the GPU path on a locally saved model."""
 
 import copy
 import math
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -152,36 +151,26 @@ def test_rloo_loss_by_hand():
     assert torch.isclose(rloo_loss(logp, old, adv, mask), torch.tensor((-1.2 + 2.0) / 2))
 
 
-def _rloo_trainer(path, tok, reward_funcs, **kwargs):
-    from datasets import Dataset
-    from trl import RLOOConfig, RLOOTrainer
-
-    ds = Dataset.from_list([{"prompt": "<|user|>hello, i am ann<|assistant|>"}] * 4
-                           + [{"prompt": "<|user|>thanks, i am bob<|assistant|>"}] * 4)
-    args = RLOOConfig(output_dir=tempfile.mkdtemp(), report_to="none", use_cpu=True, bf16=False, max_steps=1,
-                      per_device_train_batch_size=8, num_generations=4, max_completion_length=6,
-                      save_strategy="no", disable_tqdm=True, **kwargs)
-    trainer = RLOOTrainer(model=path, reward_funcs=reward_funcs, args=args, train_dataset=ds, processing_class=tok)
-    trainer.model.train()
-    return trainer, ds
+ROWS = ([{"prompt": "<|user|>hello, i am ann<|assistant|>"}] * 4
+        + [{"prompt": "<|user|>thanks, i am bob<|assistant|>"}] * 4)
 
 
 @pytest.mark.parametrize("normalize", [True, False])
-def test_rloo_advantages_match_trl(tiny_path, tok, normalize):
+def test_rloo_advantages_match_trl(online_trainer, normalize):
     fixed = [1.0, 0.0, 3.0, 1.0, 0.5, None, 0.5, 2.0]
 
     def fixed_reward(prompts, completions, **kwargs):
         return list(fixed)
 
-    trainer, ds = _rloo_trainer(tiny_path, tok, [fixed_reward], beta=0.0, normalize_advantages=normalize)
+    trainer, ds = online_trainer("RLOO", ROWS, [fixed_reward], beta=0.0, normalize_advantages=normalize)
     out = trainer._generate_and_score_completions([ds[i] for i in range(8)])
     mine = rloo_advantages([float("nan") if v is None else v for v in fixed], None, 4, normalize=normalize)
     assert torch.allclose(out["advantages"], mine, atol=1e-6), (out["advantages"], mine)
 
 
-def test_rloo_loss_and_gradient_match_trl(tiny_path, tok):
-    trainer, _ = _rloo_trainer(tiny_path, tok, [lambda prompts, completions, **kw: [0.0] * len(completions)],
-                               beta=0.0, epsilon=0.2)
+def test_rloo_loss_and_gradient_match_trl(online_trainer, tok):
+    trainer, _ = online_trainer("RLOO", ROWS, [lambda prompts, completions, **kw: [0.0] * len(completions)],
+                                beta=0.0, epsilon=0.2)
     model = trainer.model
     torch.manual_seed(0)
     batch = sample_groups(model, tok, ["<|user|>hello, i am ann<|assistant|>", "<|user|>hi, i am bob<|assistant|>"],
