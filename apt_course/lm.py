@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .tokenizer import format_prompt
+
 MAX_LENGTH = 1024  # TRL's default for SFT, DPO and reward training; the tiny world never comes near it
 
 
@@ -61,19 +63,59 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
     return logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
-def sequence_logprobs(model, batch: dict[str, torch.Tensor], reduction: str = "sum") -> torch.Tensor:
-    """Per-sequence log-probability of the completion, prompt masked out.
+def completion_token_logprobs(logits: torch.Tensor, batch: dict[str, torch.Tensor],
+                              temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logp, mask)``: log π(y_t | x, y_<t) of every completion token from a forward pass's ``logits``, and
+    the mask that is 1 exactly on completion tokens. Logits are divided by ``temperature`` (as at sampling).
 
-    ``sum``: log π(y|x) = Σ_t m_t log π(y_t | x, y_<t);  ``mean``: the same divided by Σ_t m_t
-    (the length-normalised form SimPO uses).
+    Two batch layouts, one answer:
+
+    * a training batch from :func:`build_batch` (``input_ids`` = prompt + completion, right-padded):
+      ``logp`` is (B, T-1), position t scoring token t+1, and ``mask`` = ``completion_mask[:, 1:]``;
+    * a rollout from :func:`sample_groups` (``prompt_ids`` left-padded, then ``completion_ids``; the logits are
+      those of the concatenation): ``logp`` is (B, T_completion), aligned with ``completion_ids``, and
+      ``mask`` = ``completion_mask``.
     """
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    per_token = token_logprobs(logits, batch["input_ids"])
-    mask = batch["completion_mask"][:, 1:].to(per_token.dtype)
+    if "prompt_ids" in batch:
+        P = batch["prompt_ids"].size(1)
+        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        return token_logprobs(logits[:, P - 1:] / temperature, ids[:, P - 1:]), batch["completion_mask"]
+    return token_logprobs(logits / temperature, batch["input_ids"]), batch["completion_mask"][:, 1:]
+
+
+def batch_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` of either batch layout (a rollout's prompt and completion joined)."""
+    if "prompt_ids" in batch:
+        return {"input_ids": torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
+                "attention_mask": torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def completion_logprobs(model, batch: dict[str, torch.Tensor], reduction: str = "sum",
+                        temperature: float = 1.0) -> torch.Tensor:
+    """The completion's log-probability under ``model``, prompt masked out — the one helper every chapter
+    uses (DPO's, ORPO's and RLOO's sequence log-probs; PPO's and GRPO's per-token ones).
+
+    ``sum``:  log π(y|x) = Σ_t m_t log π(y_t | x, y_<t), shape (B,);
+    ``mean``: the same divided by Σ_t m_t (the length-normalised form of SimPO and ORPO), shape (B,);
+    ``none``: the per-token terms log π(y_t | x, y_<t), shape (B, T'), masked by
+    :func:`completion_token_logprobs`' mask (zero elsewhere is *not* guaranteed: multiply by the mask).
+    """
+    if reduction not in ("sum", "mean", "none"):
+        raise ValueError(f"reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
+    logits = model(**batch_inputs(batch)).logits
+    per_token, mask = completion_token_logprobs(logits, batch, temperature)
+    if reduction == "none":
+        return per_token
+    mask = mask.to(per_token.dtype)
     total = (per_token * mask).sum(-1)
     return total if reduction == "sum" else total / mask.sum(-1).clamp(min=1)
+
+
+def completion_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Σ_t m_t: the number of completion tokens of every row, in either batch layout (float)."""
+    mask = batch["completion_mask"] if "prompt_ids" in batch else batch["completion_mask"][:, 1:]
+    return mask.float().sum(-1)
 
 
 def completion_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -119,3 +161,81 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, do_
         tokenizer.padding_side = side
         model.train(was_training)
     return out
+
+
+# ---------------------------------------------------------------- prompts, pairs, rollouts (chapters 06-13)
+
+def prompt_rows(prompts) -> list[dict]:
+    """Normalise prompts (strings, or dicts with ``prompt`` and extra columns) to a list of dicts."""
+    if prompts is None or len(prompts) == 0:
+        raise ValueError("the prompt set is empty: an online trainer needs prompts to sample from (e.g. "
+                         "world.verifiable_problems(500, 'train'))")
+    rows = []
+    for i, p in enumerate(prompts):
+        row = {"prompt": p} if isinstance(p, str) else dict(p)
+        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise ValueError(f"prompt row {i} needs a non-empty string 'prompt'; it is {p!r}")
+        rows.append(row)
+    keys = set(rows[0])
+    for i, row in enumerate(rows):
+        if set(row) != keys:
+            raise ValueError(f"prompt row {i} has columns {sorted(row)} but row 0 has {sorted(keys)}: "
+                             "every row needs the same columns (they are passed to the reward functions)")
+    return rows
+
+
+def format_prompts(tokenizer, rows: list[dict]) -> list[str]:
+    """Each row's chat prompt text (its ``system`` message too), ready for the assistant's reply."""
+    return [format_prompt(tokenizer, row["prompt"], row.get("system")) for row in rows]
+
+
+def build_pair_batch(tokenizer, pairs: list[dict], device="cpu") -> dict[str, torch.Tensor]:
+    """2B right-padded rows for preference pairs: the B chosen completions, then the B rejected ones (the
+    layout TRL's ``DataCollatorForPreference`` builds), each prompt through the tokenizer's chat template."""
+    prompts = [format_prompt(tokenizer, p["prompt"], p.get("system")) for p in pairs]
+    return build_batch(tokenizer, prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
+                       device=device)
+
+
+@torch.no_grad()
+def sample_groups(model, tokenizer, prompt_texts: list[str], group_size: int, max_new_tokens: int,
+                  temperature: float = 1.0) -> dict:
+    """G sampled completions per prompt (prompt by prompt): token ids, masks and text — a rollout.
+
+    ``completion_mask`` is 1 up to and including the first EOS (everything, when there is none);
+    ``truncated`` marks completions that hit ``max_new_tokens`` without an EOS.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(prompt_texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    finally:
+        tokenizer.padding_side = side
+    prompt_ids = enc["input_ids"].repeat_interleave(group_size, 0)
+    prompt_mask = enc["attention_mask"].repeat_interleave(group_size, 0)
+    seqs = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=temperature,
+                          top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                          eos_token_id=tokenizer.eos_token_id)
+    model.train(was_training)
+    completion_ids = seqs[:, prompt_ids.shape[1]:]
+    is_eos = completion_ids == tokenizer.eos_token_id
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], is_eos.size(1),
+                                                                               dtype=torch.long))
+    positions = torch.arange(completion_ids.size(1), device=device).expand_as(completion_ids)
+    completion_mask = (positions <= first.unsqueeze(1)).long()
+    texts = [tokenizer.decode(row[:n], skip_special_tokens=False).strip()
+             for row, n in zip(completion_ids.tolist(), first.tolist())]
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+            "completion_mask": completion_mask, "texts": texts, "truncated": ~is_eos.any(1)}
+
+
+def nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Standard deviation ignoring NaNs, with Bessel's correction (n - 1), as ``trl.trainer.utils.nanstd``
+    (used by the group and leave-one-out baselines of GRPO and RLOO, where an unscorable reply is NaN)."""
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    n = (~torch.isnan(x)).sum(dim=dim, keepdim=True) if dim is not None else (~torch.isnan(x)).sum()
+    var = torch.nansum((x - mean) ** 2, dim=dim, keepdim=True) / (n - 1).clamp(min=1)
+    return var.sqrt()

@@ -135,27 +135,3 @@ def two_state_mdp(gamma: float = 0.9) -> TabularMDP:
     P[0, 0, 0] = P[0, 1, 1] = P[1, 0, 1] = P[1, 1, 0] = 1.0
     R = np.array([[1.0, 0.0], [2.0, 0.0]])
     return TabularMDP(P, R, gamma)
-
-
-def plot_gridworld(env, V, policy=None, ax=None, title: str | None = None):
-    """Heatmap of V over the grid with the policy as arrows (walls blank, G/H labelled)."""
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=(1 + 0.7 * env.shape[1], 0.7 * env.shape[0]))
-    grid = env.to_grid(V)
-    im = ax.imshow(grid, cmap="viridis")
-    plt.colorbar(im, ax=ax, fraction=0.046)
-    d = {0: (0, -0.3), 1: (0.3, 0), 2: (0, 0.3), 3: (-0.3, 0)}
-    for s, (i, j) in enumerate(env.cells):
-        kind = env.layout[i][j]
-        if kind in "GH":
-            ax.text(j, i, kind, ha="center", va="center", color="white", fontsize=12, weight="bold")
-        elif policy is not None:
-            dx, dy = d[int(policy[s])]
-            ax.arrow(j - dx / 2, i - dy / 2, dx, dy, head_width=0.18, head_length=0.12, color="white")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if title:
-        ax.set_title(title)
-    return ax

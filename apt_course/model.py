@@ -40,11 +40,28 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
 
 
 def save_model(model, tokenizer, path: str | Path) -> Path:
-    """Save the model as safetensors with its tokenizer (what ``from_pretrained`` loads back)."""
+    """Save the model as safetensors with its tokenizer (what ``from_pretrained`` loads back), atomically:
+    everything is written to a temporary folder beside ``path`` and renamed into place only when complete, so
+    an interrupted save never leaves a half-written model (a previous model at ``path`` is replaced whole)."""
+    import shutil
+    import tempfile
+
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            path.rename(old / "model")
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return path
 
 
@@ -69,3 +86,31 @@ def load_pretrained(name_or_path: str | Path, device: torch.device | str = "cpu"
     kwargs = {"dtype": dtype} if dtype is not None else {}
     model = AutoModelForCausalLM.from_pretrained(text, **kwargs).to(device)
     return model, tokenizer
+
+
+def load_reward_model(path_or_name, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+    """``(reward model, tokenizer)``: a causal-LM checkpoint (a new scalar head is added) or a saved RM.
+
+    Works the same for the tiny checkpoints (a folder) and a Hub id (GPU profile).
+    """
+    from pathlib import Path
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    text = str(path_or_name)
+    if (isinstance(path_or_name, Path) or text.startswith((".", "/", "~"))) and not Path(text).expanduser().is_dir():
+        raise FileNotFoundError(f"reward-model folder {text!r} does not exist: pass a folder written by "
+                                "save_pretrained (e.g. apt_course.checkpoints.checkpoint_path('sft')) or a Hub id")
+    tokenizer = AutoTokenizer.from_pretrained(text)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "score.weight newly initialized" is the point here, not a problem
+    try:
+        rm = AutoModelForSequenceClassification.from_pretrained(text, num_labels=1, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    rm.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
+    return rm.to(device), tokenizer

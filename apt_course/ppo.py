@@ -22,11 +22,11 @@ from .envs import VecCartPole, check_discount, make_rng
 from .reinforce import collect_episodes, sample_categorical
 
 
-def compute_gae(rewards, values, dones, last_value, gamma: float, lam: float):
+def compute_gae(rewards, values, dones, last_value, gamma: float, gae_lambda: float):
     """Generalised advantage estimation. Time is axis 0; any further axes are parallel envs.
 
         delta_t = r_t + gamma (1 - d_t) V(s_{t+1}) - V(s_t)
-        A_t     = delta_t + gamma lam (1 - d_t) A_{t+1}          returns_t = A_t + V(s_t)
+        A_t     = delta_t + gamma lambda (1 - d_t) A_{t+1}          returns_t = A_t + V(s_t)
 
     ``dones[t]`` is 1 when the transition at step t ended the episode by termination: nothing is
     bootstrapped past it. ``V(s_{t+1})`` is ``values[t+1]``, or ``last_value`` for the last step. (A
@@ -34,8 +34,8 @@ def compute_gae(rewards, values, dones, last_value, gamma: float, lam: float):
     Returns ``(advantages, returns)`` as float arrays shaped like ``rewards``.
     """
     gamma = check_discount(gamma)
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam must be in [0, 1], got {lam!r} (0: one-step TD, 1: Monte Carlo)")
+    if not 0.0 <= gae_lambda <= 1.0:
+        raise ValueError(f"gae_lambda must be in [0, 1], got {gae_lambda!r} (0: one-step TD, 1: Monte Carlo)")
     rewards, values = np.asarray(rewards, np.float64), np.asarray(values, np.float64)
     dones = np.asarray(dones, np.float64)
     if not rewards.shape == values.shape == dones.shape:
@@ -46,26 +46,28 @@ def compute_gae(rewards, values, dones, last_value, gamma: float, lam: float):
     for t in range(len(rewards) - 1, -1, -1):
         nonterminal = 1.0 - dones[t]
         delta = rewards[t] + gamma * nonterminal * next_value - values[t]
-        next_adv = delta + gamma * lam * nonterminal * next_adv
+        next_adv = delta + gamma * gae_lambda * nonterminal * next_adv
         adv[t] = next_adv
         next_value = values[t]
     return adv, adv + values
 
 
-def ppo_policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip: float) -> torch.Tensor:
-    """Clipped surrogate loss: -mean(min(r A, clip(r, 1 - clip, 1 + clip) A)), r = exp(new_logp - old_logp)."""
+def ppo_policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                    epsilon: float) -> torch.Tensor:
+    """Clipped surrogate loss: -mean(min(r A, clip(r, 1 - ε, 1 + ε) A)), r = exp(new_logp - old_logp)."""
     ratio = torch.exp(new_logp - old_logp)
     unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * advantages
+    clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon) * advantages
     return -torch.min(unclipped, clipped).mean()
 
 
-def ppo_value_loss(new_values, old_values, returns, clip: float | None) -> torch.Tensor:
-    """0.5 * mean(max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)); plain MSE when clip is None."""
+def ppo_value_loss(new_values, old_values, returns, clip_value: float | None) -> torch.Tensor:
+    """0.5 * mean(max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)), c = ``clip_value``; plain MSE when
+    it is None."""
     unclipped = (new_values - returns) ** 2
-    if clip is None:
+    if clip_value is None:
         return 0.5 * unclipped.mean()
-    clipped = (old_values + torch.clamp(new_values - old_values, -clip, clip) - returns) ** 2
+    clipped = (old_values + torch.clamp(new_values - old_values, -clip_value, clip_value) - returns) ** 2
     return 0.5 * torch.max(unclipped, clipped).mean()
 
 
@@ -106,11 +108,11 @@ class PPOConfig:
 
     seed: seeds torch and the environments.          total_steps: env steps in all (num_envs at a time).
     num_envs, num_steps: a rollout is num_steps steps of num_envs parallel envs (batch = their product).
-    gamma: discount.  lam: GAE lambda (bias-variance of the advantage; 1 = Monte Carlo, 0 = one-step TD).
+    gamma: discount.  gae_lambda: GAE's lambda (bias-variance of the advantage; 1 = Monte Carlo, 0 = one-step TD).
     lr: Adam learning rate; anneal_lr: decay it linearly to 0 over training (stabilises the end).
     update_epochs, num_minibatches: passes over each batch and minibatches per pass.
-    clip: epsilon of the clipped surrogate; clip_vloss: clip the value update to the same epsilon (off by
-    default: CartPole's returns reach ~100, and moving V by at most 0.2 per update makes the critic lag).
+    epsilon: ε of the clipped surrogate; clip_value: clip each value update to ±clip_value (None, the default:
+    CartPole's returns reach ~100, and moving V by at most 0.2 per update makes the critic lag).
     norm_adv: normalise advantages per minibatch.  vf_coef, ent_coef: weights of value loss and entropy.
     max_grad_norm: clip the global gradient norm.  target_kl: stop an update's epochs early above it.
     hidden: width of the two-layer actor and critic.
@@ -121,13 +123,13 @@ class PPOConfig:
     num_envs: int = 16
     num_steps: int = 128
     gamma: float = 0.99
-    lam: float = 0.95
+    gae_lambda: float = 0.95
     lr: float = 2.5e-3
     anneal_lr: bool = True
     update_epochs: int = 4
     num_minibatches: int = 8
-    clip: float = 0.2
-    clip_vloss: bool = False
+    epsilon: float = 0.2
+    clip_value: float | None = None
     norm_adv: bool = True
     vf_coef: float = 0.5
     ent_coef: float = 0.0
@@ -221,7 +223,7 @@ def train_ppo(env_fn=cartpole_fn, config: PPOConfig = PPOConfig(), progress: boo
         global_step += T * N
         with torch.no_grad():
             last_value = agent.value(torch.as_tensor(obs)).numpy()
-        adv, ret = compute_gae(rew_buf, val_buf, done_buf, last_value, c.gamma, c.lam)
+        adv, ret = compute_gae(rew_buf, val_buf, done_buf, last_value, c.gamma, c.gae_lambda)
         # ---- update: several epochs of minibatch steps on the flattened batch ----
         b_obs = torch.as_tensor(obs_buf.reshape(-1, env.observation_dim))
         b_act, b_logp = torch.as_tensor(act_buf.reshape(-1)), torch.as_tensor(logp_buf.reshape(-1))
@@ -239,12 +241,12 @@ def train_ppo(env_fn=cartpole_fn, config: PPOConfig = PPOConfig(), progress: boo
                 log_ratio = new_logp - b_logp[mb]
                 with torch.no_grad():  # diagnostics: KL(old || new) estimate (k3) and how often the clip is active
                     kls.append(((log_ratio.exp() - 1) - log_ratio).mean().item())
-                    clipfracs.append(((log_ratio.exp() - 1).abs() > c.clip).float().mean().item())
+                    clipfracs.append(((log_ratio.exp() - 1).abs() > c.epsilon).float().mean().item())
                 mb_adv = b_adv[mb]
                 if c.norm_adv:
                     mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
-                pg_loss = ppo_policy_loss(new_logp, b_logp[mb], mb_adv, c.clip)
-                v_loss = ppo_value_loss(agent.value(b_obs[mb]), b_val[mb], b_ret[mb], c.clip if c.clip_vloss else None)
+                pg_loss = ppo_policy_loss(new_logp, b_logp[mb], mb_adv, c.epsilon)
+                v_loss = ppo_value_loss(agent.value(b_obs[mb]), b_val[mb], b_ret[mb], c.clip_value)
                 loss = pg_loss + c.vf_coef * v_loss - c.ent_coef * entropy
                 opt.zero_grad()
                 loss.backward()
@@ -271,40 +273,3 @@ def train_ppo(env_fn=cartpole_fn, config: PPOConfig = PPOConfig(), progress: boo
 def evaluate_ppo(agent, n_episodes: int = 20, seed: int = 12345, greedy: bool = False) -> np.ndarray:
     """Returns of ``n_episodes`` fresh CartPole episodes (run in parallel) with the trained policy."""
     return collect_episodes(agent, n_episodes, seed=seed, greedy=greedy).returns
-
-
-def plot_clipped_surrogate(clip: float = 0.2, ax=None):
-    """The per-sample PPO objective min(r A, clip(r) A) as a function of the ratio r, for A > 0 and A < 0."""
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        _, ax = plt.subplots(1, 2, figsize=(9, 3.2), sharey=False)
-    r = torch.linspace(0.0, 2.0, 401)
-    for a, A in zip(ax, (1.0, -1.0)):
-        adv = torch.full_like(r, A)
-        obj = torch.min(r * adv, torch.clamp(r, 1 - clip, 1 + clip) * adv)
-        a.plot(r, r * A, "--", color="gray", label="r A (unclipped)")
-        a.plot(r, obj, lw=2.5, label="min(r A, clip(r) A)")
-        a.axvspan(1 - clip, 1 + clip, color="C2", alpha=0.12, label=f"[1-eps, 1+eps], eps={clip}")
-        a.axvline(1.0, color="k", lw=0.5)
-        a.set_xlabel("ratio r = pi_new / pi_old")
-        a.set_title(f"advantage A = {A:+.0f}")
-    ax[0].set_ylabel("per-sample objective")
-    ax[0].legend(fontsize=8)
-    return ax
-
-
-def plot_history(hist: PPOHistory, axes=None):
-    """Learning curve and the four diagnostics of each update, against env steps."""
-    import matplotlib.pyplot as plt
-
-    if axes is None:
-        _, axes = plt.subplots(1, 5, figsize=(17, 3))
-    panels = [("episode_return", "episode return"), ("approx_kl", "approx KL"), ("clip_fraction", "clip fraction"),
-              ("explained_variance", "explained variance"), ("entropy", "entropy")]
-    for ax, (key, title) in zip(axes, panels):
-        ax.plot(hist.step, getattr(hist, key))
-        ax.set_title(title)
-        ax.set_xlabel("env steps")
-    plt.tight_layout()
-    return axes

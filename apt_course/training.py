@@ -27,14 +27,33 @@ def make_optimizer(model: torch.nn.Module, lr: float, steps: int, warmup: int = 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient was NaN or infinite: the update was refused, so the weights were left as they were."""
+
+
 def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, opt, sched=None, max_grad_norm: float | None = 1.0) -> float:
     """One update: clear the gradients, back-propagate ``loss``, clip the global gradient norm to
-    ``max_grad_norm`` (None: no clipping), step the optimiser and the schedule. Returns ``loss.item()``."""
+    ``max_grad_norm`` (None: no clipping), step the optimiser and the schedule. Returns ``loss.item()``.
+
+    A NaN or infinite loss or gradient norm stops training with :class:`NonFiniteError` *before* the optimiser
+    steps (clipping a NaN norm would still write NaN into every weight): the model keeps its last good weights.
+    """
+    step = getattr(opt, "apt_steps", 0)
+    advice = ("Try a lower learning rate, a smaller beta, or gradient clipping (max_grad_norm); check the data for "
+              "empty completions and the loss for log(0).")
+    if not torch.isfinite(loss.detach()).all():
+        raise NonFiniteError(f"update {step}: the loss is {loss.item()}, not a finite number; the model was not "
+                             f"changed. {advice}")
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    if max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else float("inf"))
+    if not torch.isfinite(norm):
+        opt.zero_grad(set_to_none=True)
+        raise NonFiniteError(f"update {step}: the gradient norm is {norm.item()} (loss {loss.item():.4g}); the update "
+                             f"was refused and the model keeps its last weights. {advice}")
     opt.step()
+    opt.apt_steps = step + 1
     if sched is not None:
         sched.step()
     return loss.item()

@@ -18,6 +18,7 @@ Kinds of data:
 from __future__ import annotations
 
 import random
+import re
 import zlib
 from typing import Iterable
 
@@ -297,3 +298,89 @@ def owner_requests(n: int, split: str = "train", seed: int = 0, owner_fraction: 
         if split_of(item["system"] + "|" + item["prompt"]) == split:
             out.append(item)
     return out
+
+
+# ---------------------------------------------------------------- ground truth: scorers of replies
+
+def is_polite(prompt: str, reply: str) -> bool:
+    """A greeting's ground truth: the reply is one of the tiny world's polite replies to that person."""
+    name = prompt.strip().split()[-1]
+    return normalize(reply) in {t.format(n=name) for t in POLITE_REPLIES}
+
+
+def friendly_but_wrong(prompt: str, reply: str) -> bool:
+    """Chapter 05's reward hack, seen from the policy's side: the reply carries a friendly phrase of a polite
+    template ("happy to help", "nice to meet you", ...) but is not the polite reply to this person."""
+    phrases = [max(t.split("{n}"), key=len).strip(" ,.!") for t in POLITE_REPLIES]
+    return any(p in reply for p in phrases) and not is_polite(prompt, reply)
+
+
+def names_the_person(prompt: str, reply: str) -> bool:
+    """A softer ground truth for a greeting: the reply at least addresses the person by name."""
+    return prompt.strip().split()[-1] in reply
+
+
+def score_reply(pair: dict, reply: str) -> int:
+    """The ground truth for a reply to a preference pair's prompt, 0..2.
+
+    Task prompts (``pair["answer"]``): 2 = exactly the answer, 1 = the answer inside wordier text,
+    0 = wrong. Greetings: 2 = the pair's chosen (polite) reply, 1 = another polite reply, 0 = rude or other.
+    """
+    reply = normalize(reply)
+    if "answer" in pair:
+        if reply == pair["answer"]:
+            return 2
+        return 1 if pair["answer"] in reply.replace(",", " ").replace(".", " ").split() else 0
+    if reply == pair["chosen"]:
+        return 2
+    return 1 if is_polite(pair["prompt"], reply) else 0
+
+
+# ---------------------------------------------------------------- chapter settings built from the world
+
+def greeting_prompts(n: int, split: str = "train", seed: int = 0) -> list[str]:
+    """Greeting prompts (``"hello, i am ann"``) of the polite/rude preference pairs: the shipped RM ranks
+    those pairs perfectly, while the SFT checkpoint, taught from greetings answered politely only a fifth of
+    the time, replies rudely when greedy (room for RLHF to improve)."""
+    return [p["prompt"] for p in preference_pairs(n, split, seed=seed, kinds=("polite",))]
+
+
+def chatty_demonstrations(examples: list[dict], rate: float = 0.6, seed: int = 0) -> list[dict]:
+    """SFT rows as a chatty annotator writes them: with probability ``rate`` the answer is wrapped in filler
+    (``"um, well, let me think. i guess it is cba, maybe."``), otherwise it is the bare answer. A model
+    fine-tuned on them still knows every answer but usually opens with filler - which an exact-answer
+    verifier rejects - and only sometimes answers plainly: low greedy accuracy, high pass@k (chapter 09)."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate must lie in [0, 1], got {rate!r}")
+    rng = random.Random(f"chatty:{seed}")
+    return [dict(ex, completion=rng.choice(RAMBLES).format(a=ex["answer"]) if rng.random() < rate else ex["answer"])
+            for ex in examples]
+
+
+# ---------------------------------------------------------------- perturbed prompts (chapter 12)
+
+PERTURBATIONS = ("spaces", "swap")
+_SUM = re.compile(r"^add (\d+) (\d+)$")
+
+
+def perturb_prompt(prompt: str, kind: str) -> str:
+    """A reworded tiny-world sum with the same answer: ``"spaces"`` doubles every space
+    (``add  47  38``: characters the model never saw there), ``"swap"`` swaps the operands (``add 38 47``)."""
+    if kind == "spaces":
+        return prompt.replace(" ", "  ")
+    if kind == "swap":
+        m = _SUM.match(prompt)
+        if not m:
+            raise ValueError(f"cannot swap the operands of {prompt!r}: 'swap' needs a tiny-world sum 'add A B'")
+        return f"add {m.group(2)} {m.group(1)}"
+    raise ValueError(f"unknown perturbation {kind!r}; use one of {PERTURBATIONS}")
+
+
+def heldout_sums(n: int, seed: int = 1000, digits: int = 2) -> list[dict]:
+    """``n`` held-out :func:`cot_problems` whose swapped form (:func:`perturb_prompt`) is held out too, so no
+    perturbed prompt was ever trained on (chapter 12's robustness test)."""
+    pool = cot_problems(8 * n, "test", seed=seed, digits=digits)
+    keep = [p for p in pool if split_of(perturb_prompt(p["prompt"], "swap")) == "test"]
+    if len(keep) < n:
+        raise ValueError(f"only {len(keep)} held-out sums with a held-out swap among {len(pool)}: ask for fewer")
+    return keep[:n]

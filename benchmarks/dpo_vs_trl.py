@@ -28,16 +28,15 @@ def main() -> None:
     os.environ.setdefault("APT_COURSE_QUIET", "1")
 
     import torch
-    from datasets import Dataset
+    import trl
     from transformers import PrinterCallback
     from transformers.utils import logging as hf_logging
-    from trl import DPOConfig, DPOTrainer
 
     from apt_course import world
     from apt_course.checkpoints import checkpoint_path
-    from apt_course.dpo import PreferenceConfig, train_dpo
+    from apt_course.data import to_trl_preference_dataset
+    from apt_course.dpo import DPOConfig, train_dpo
     from apt_course.model import load_pretrained
-    from apt_course.tokenizer import messages_for
 
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
@@ -49,7 +48,7 @@ def main() -> None:
     # from scratch
     policy, tok = load_pretrained(path)
     ref, _ = load_pretrained(path)
-    cfg = PreferenceConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, beta=args.beta, warmup=0)
+    cfg = DPOConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, beta=args.beta, warmup=0)
     start = time.perf_counter()
     train_dpo(policy, ref, tok, pairs, cfg)
     ours = time.perf_counter() - start
@@ -57,16 +56,14 @@ def main() -> None:
     # TRL
     policy, tok = load_pretrained(path)
     ref, _ = load_pretrained(path)
-    ds = Dataset.from_list([{"prompt": messages_for(p["prompt"]),
-                             "chosen": [{"role": "assistant", "content": p["chosen"]}],
-                             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
+    ds = to_trl_preference_dataset(pairs)  # conversational: TRL applies the chat template
     with tempfile.TemporaryDirectory() as tmp:
-        targs = DPOConfig(output_dir=tmp, beta=args.beta, learning_rate=args.lr, per_device_train_batch_size=args.batch_size,
+        targs = trl.DPOConfig(output_dir=tmp, beta=args.beta, learning_rate=args.lr, per_device_train_batch_size=args.batch_size,
                           num_train_epochs=1, max_steps=steps, lr_scheduler_type="cosine", warmup_steps=0,
                           report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
                           save_strategy="no", logging_steps=5, disable_tqdm=True, seed=0, dataloader_num_workers=0)
         start = time.perf_counter()
-        trainer = DPOTrainer(model=policy, ref_model=ref, args=targs, train_dataset=ds, processing_class=tok)
+        trainer = trl.DPOTrainer(model=policy, ref_model=ref, args=targs, train_dataset=ds, processing_class=tok)
         trainer.remove_callback(PrinterCallback)  # no log lines in the timing
         setup = time.perf_counter() - start
         start = time.perf_counter()

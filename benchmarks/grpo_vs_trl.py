@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from apt_course import world  # noqa: E402
-from apt_course.grpo import GRPOSettings, format_prompts, train_grpo  # noqa: E402
+from apt_course.grpo import train_grpo  # noqa: E402
+from apt_course.lm import format_prompts  # noqa: E402
 from apt_course.model import load_pretrained, make_tiny_model, save_model  # noqa: E402
 from apt_course.rewards import correctness_reward, format_reward  # noqa: E402
 from apt_course.tokenizer import build_tokenizer  # noqa: E402
@@ -60,7 +61,7 @@ def main() -> None:
     for r in range(args.repeats + 1):
         m = copy.deepcopy(model)
         start = time.perf_counter()
-        train_grpo(m, None, tok, rows, fns, GRPOSettings(steps=1, prompts_per_step=args.prompts, group_size=args.group,
+        train_grpo(m, None, tok, rows, fns, GRPOConfig(steps=1, prompts_per_step=args.prompts, group_size=args.group,
                                                           max_new_tokens=args.max_new_tokens, reward_weights=weights,
                                                           seed=r))
         ours.append(time.perf_counter() - start)

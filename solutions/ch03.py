@@ -16,12 +16,12 @@ def token_returns():
 
 
 def gae():
-    def fn(rewards, values, dones, last_value, gamma, lam):
+    def fn(rewards, values, dones, last_value, gamma, gae_lambda):
         adv, next_adv, next_value = np.zeros(len(rewards)), 0.0, last_value
         for t in reversed(range(len(rewards))):
             nonterminal = 1.0 - dones[t]
             delta = rewards[t] + gamma * nonterminal * next_value - values[t]
-            next_adv = delta + gamma * lam * nonterminal * next_adv
+            next_adv = delta + gamma * gae_lambda * nonterminal * next_adv
             adv[t] = next_adv
             next_value = values[t]
         return adv
@@ -29,8 +29,8 @@ def gae():
     return fn
 
 
-def _gae_ignoring_dones(rewards, values, dones, last_value, gamma, lam):
-    return gae()(rewards, values, np.zeros_like(dones), last_value, gamma, lam)
+def _gae_ignoring_dones(rewards, values, dones, last_value, gamma, gae_lambda):
+    return gae()(rewards, values, np.zeros_like(dones), last_value, gamma, gae_lambda)
 
 
 SOLUTIONS = {

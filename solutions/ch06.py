@@ -11,14 +11,14 @@ def kl_rewards(scores, logp, ref_logp, mask, beta):
     return rewards
 
 
-def gae(rewards, values, mask, lam):
+def gae(rewards, values, mask, gae_lambda):
     mask = mask.float()
     B, T = rewards.shape
     adv = torch.zeros(B, T)
     next_adv, next_value = torch.zeros(B), torch.zeros(B)
     for t in reversed(range(T)):                             # gamma = 1; padding resets the recursion to 0
         delta = rewards[:, t] + next_value - values[:, t]
-        adv[:, t] = (delta + lam * next_adv) * mask[:, t]
+        adv[:, t] = (delta + gae_lambda * next_adv) * mask[:, t]
         next_adv, next_value = adv[:, t], values[:, t] * mask[:, t]
     return adv
 
@@ -48,7 +48,7 @@ SOLUTIONS = {
 }
 WRONG = {
     "ch06.kl_rewards": lambda: _score_on_last_column,
-    "ch06.token_gae": lambda: (lambda rewards, values, mask, lam: (rewards - values) * mask),
+    "ch06.token_gae": lambda: (lambda rewards, values, mask, gae_lambda: (rewards - values) * mask),
     "ch06.value_loss": lambda: (lambda new, old, ret, clip: 0.5 * ((new - ret) ** 2).mean()),
     "ch06.rloo_advantages": lambda: (lambda r, k: r - r.view(-1, k).mean(1).repeat_interleave(k)),
 }

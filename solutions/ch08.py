@@ -12,9 +12,9 @@ def log_odds():
 
 
 def orpo_loss():
-    def loss(nll, avg_c, avg_r, lam):
+    def loss(nll, avg_c, avg_r, beta):
         ratio = log_odds()(avg_c) - log_odds()(avg_r)
-        return nll - lam * F.logsigmoid(ratio).mean()
+        return nll - beta * F.logsigmoid(ratio).mean()
 
     return loss
 
@@ -35,7 +35,7 @@ SOLUTIONS = {
 
 WRONG = {
     "ch08.log_odds": lambda: lambda avg_logp: avg_logp,  # log P, not the log-odds
-    "ch08.orpo_loss": lambda: lambda nll, c, r, lam: nll + lam * F.logsigmoid(
+    "ch08.orpo_loss": lambda: lambda nll, c, r, beta: nll + beta * F.logsigmoid(
         (c - torch.log(-torch.expm1(c))) - (r - torch.log(-torch.expm1(r)))).mean(),  # sign flipped
     "ch08.training_bytes": lambda: lambda n, b, ref: n * b * (3 + (1 if ref else 0)),  # forgets gradients
 }

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from apt_course import dpo, world
+from apt_course import data, dpo, world
+from apt_course.lm import build_pair_batch
 from apt_course.model import load_pretrained, make_tiny_model, save_model
 from apt_course.tokenizer import build_tokenizer, chat_prompt, format_prompt, messages_for
 
@@ -79,25 +80,25 @@ def test_losses_reject_nonpositive_beta():
         with pytest.raises(ValueError, match="beta must be > 0"):
             dpo.dpo_loss(x, x, x, x, bad)
         with pytest.raises(ValueError, match="beta must be > 0"):
-            dpo.PreferenceConfig(beta=bad)
+            dpo.DPOConfig(beta=bad)
     with pytest.raises(ValueError, match="loss_type must be one of"):
-        dpo.PreferenceConfig(loss_type="dpo")
+        dpo.DPOConfig(loss_type="dpo")
 
 
 # ---------------------------------------------------------------- batches and log-probs
 
 def test_pair_batch_layout_and_logps(tok, models, pairs):
     policy, _ = models
-    batch = dpo.build_pair_batch(tok, pairs)
+    batch = build_pair_batch(tok, pairs)
     assert batch["input_ids"].shape[0] == 2 * len(pairs)
     c, r, lc, lr = dpo.pair_batch_logps(policy, batch)
     # the chosen half scores chosen + EOS after the chat prompt
     assert lc[0].item() == len(pairs[0]["chosen"]) + 1 and lr[0].item() == len(pairs[0]["rejected"]) + 1
-    from apt_course.lm import build_batch, sequence_logprobs
+    from apt_course.lm import build_batch, completion_logprobs
 
     one = build_batch(tok, [chat_prompt(pairs[0]["prompt"])], [pairs[0]["chosen"]])
     with torch.no_grad():
-        assert c[0].item() == pytest.approx(sequence_logprobs(policy, one).item(), abs=1e-4)
+        assert c[0].item() == pytest.approx(completion_logprobs(policy, one).item(), abs=1e-4)
 
 
 # ---------------------------------------------------------------- parity with TRL on the same batch
@@ -105,14 +106,6 @@ def test_pair_batch_layout_and_logps(tok, models, pairs):
 def _common(tmp_path, n):
     return dict(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, bf16=False, max_steps=1,
                 per_device_train_batch_size=n, save_strategy="no", disable_tqdm=True)
-
-
-def _conversational(pairs):
-    from datasets import Dataset
-
-    return Dataset.from_list([{"prompt": messages_for(p["prompt"]),
-                               "chosen": [{"role": "assistant", "content": p["chosen"]}],
-                               "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
 
 
 @pytest.mark.parametrize("loss_type, sft_weight", [("sigmoid", 0.0), ("ipo", 0.0), ("sigmoid", 0.7)])
@@ -125,10 +118,10 @@ def test_dpo_and_ipo_match_trl_dpotrainer(tok, models, pairs, tmp_path, loss_typ
     args = DPOConfig(beta=0.2, gradient_checkpointing=False, **extra, **_common(tmp_path, len(pairs)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=_conversational(pairs),
+        trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=data.to_trl_preference_dataset(pairs),
                              processing_class=tok)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(pairs))])
-    mine = dpo.build_pair_batch(tok, pairs)
+    mine = build_pair_batch(tok, pairs)
     assert torch.equal(batch["input_ids"], mine["input_ids"])  # same tokens, same layout
     assert torch.equal(batch["completion_mask"], mine["completion_mask"])
     trainer.model.eval()
@@ -140,12 +133,10 @@ def test_dpo_and_ipo_match_trl_dpotrainer(tok, models, pairs, tmp_path, loss_typ
 
 
 def test_simpo_matches_trl_cpotrainer(tok, models, pairs, tmp_path):
-    from datasets import Dataset
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
     policy, _ = models
-    ds = Dataset.from_list([{"prompt": chat_prompt(p["prompt"]), "chosen": p["chosen"], "rejected": p["rejected"]}
-                            for p in pairs])
+    ds = data.to_trl_preference_dataset(pairs, tok)  # explicit prompts, the chat template applied
     args = CPOConfig(loss_type="simpo", cpo_alpha=0.0, beta=2.0, simpo_gamma=0.5, max_length=256,
                      **_common(tmp_path, len(pairs)))
     with warnings.catch_warnings():
@@ -154,7 +145,7 @@ def test_simpo_matches_trl_cpotrainer(tok, models, pairs, tmp_path):
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(pairs))])
     with torch.no_grad():
         theirs = trainer.compute_loss(trainer.model, batch).item()
-        ours = dpo.pair_loss(policy, None, dpo.build_pair_batch(tok, pairs), "simpo", 2.0, 0.5)[0].item()
+        ours = dpo.pair_loss(policy, None, build_pair_batch(tok, pairs), "simpo", 2.0, 0.5)[0].item()
     assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-6)
 
 
@@ -186,9 +177,9 @@ def test_train_dpo_learns_held_out_preferences(tok):
     policy = copy.deepcopy(ref)
     train = world.preference_pairs(128, "train", seed=0, kinds=("polite",))
     test = world.preference_pairs(64, "test", seed=0, kinds=("polite",))
-    before = dpo.preference_accuracy(policy, tok, test, ref=ref)
-    hist = dpo.train_dpo(policy, ref, tok, train, dpo.PreferenceConfig(steps=12, batch_size=16, lr=2e-3, beta=0.5))
-    after = dpo.preference_accuracy(policy, tok, test, ref=ref)
+    before = dpo.implicit_reward_accuracy(policy, tok, test, ref=ref)
+    hist = dpo.train_dpo(policy, ref, tok, train, dpo.DPOConfig(steps=12, batch_size=16, lr=2e-3, beta=0.5))
+    after = dpo.implicit_reward_accuracy(policy, tok, test, ref=ref)
     assert before == 0.0  # pi = pi_ref: every implicit-reward margin is exactly 0, nothing is ranked right
     assert after >= 0.9, after
     assert hist["margin"][-1] > hist["margin"][0] and hist["loss"][-1] < hist["loss"][0]
@@ -200,7 +191,7 @@ def test_other_losses_train(tok, loss_type):
     ref = make_tiny_model(tok, seed=0)
     policy = copy.deepcopy(ref)
     train = world.preference_pairs(64, "train", seed=1, kinds=("polite",))
-    cfg = dpo.PreferenceConfig(loss_type=loss_type, steps=6, batch_size=8, lr=2e-3, beta=0.5)
+    cfg = dpo.DPOConfig(loss_type=loss_type, steps=6, batch_size=8, lr=2e-3, beta=0.5)
     hist = dpo.train_dpo(policy, None if loss_type == "simpo" else ref, tok, train, cfg)
     assert hist["loss"][-1] < hist["loss"][0] and hist["margin"][-1] > hist["margin"][0]
 
@@ -208,17 +199,17 @@ def test_other_losses_train(tok, loss_type):
 # ---------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("row, match", [
-    ({"prompt": "add 1 2", "chosen": "3"}, r"row 1 is missing \['rejected'\]"),
-    ({"prompt": "add 1 2", "chosen": " ", "rejected": "4"}, "row 1 has an empty 'chosen'"),
-    ({"prompt": "add 1 2", "chosen": "3", "rejected": "3"}, "row 1: chosen and rejected are the same"),
+    ({"prompt": "add 1 2", "chosen": "3"}, "row 1 has no 'rejected' column"),
+    ({"prompt": "add 1 2", "chosen": " ", "rejected": "4"}, "row 1: column 'chosen' is empty"),
+    ({"prompt": "add 1 2", "chosen": "3", "rejected": "3"}, "row 1: 'chosen' equals 'rejected'"),
 ])
 def test_bad_pairs_are_clear_errors(tok, row, match):
     good = {"prompt": "add 1 1", "chosen": "2", "rejected": "3"}
     with pytest.raises((KeyError, ValueError), match=match):
-        dpo.check_pairs([good, row])
+        data.validate_pairs([good, row])
     with pytest.raises((KeyError, ValueError), match=match):
         m = make_tiny_model(tok)
-        dpo.train_dpo(m, copy.deepcopy(m), tok, [good, row], dpo.PreferenceConfig(steps=1))
+        dpo.train_dpo(m, copy.deepcopy(m), tok, [good, row], dpo.DPOConfig(steps=1))
 
 
 def test_reference_must_share_the_vocabulary(tok):
@@ -227,15 +218,15 @@ def test_reference_must_share_the_vocabulary(tok):
     other.resize_token_embeddings(len(tok) + 8)
     pairs = world.preference_pairs(4, "train")
     with pytest.raises(ValueError, match="vocabulary has 112 tokens but the policy's has 104"):
-        dpo.train_dpo(policy, other, tok, pairs, dpo.PreferenceConfig(steps=1))
+        dpo.train_dpo(policy, other, tok, pairs, dpo.DPOConfig(steps=1))
     tok2 = build_tokenizer()
     tok2.add_tokens(["<new>"])
     with pytest.raises(ValueError, match="tokenizer differs"):
-        dpo.train_dpo(policy, copy.deepcopy(policy), tok, pairs, dpo.PreferenceConfig(steps=1), ref_tokenizer=tok2)
+        dpo.train_dpo(policy, copy.deepcopy(policy), tok, pairs, dpo.DPOConfig(steps=1), ref_tokenizer=tok2)
     with pytest.raises(ValueError, match="ref is the policy itself"):
-        dpo.train_dpo(policy, policy, tok, pairs, dpo.PreferenceConfig(steps=1))
+        dpo.train_dpo(policy, policy, tok, pairs, dpo.DPOConfig(steps=1))
     with pytest.raises(ValueError, match="needs a reference model"):
-        dpo.train_dpo(policy, None, tok, pairs, dpo.PreferenceConfig(steps=1))
+        dpo.train_dpo(policy, None, tok, pairs, dpo.DPOConfig(steps=1))
 
 
 # ---------------------------------------------------------------- measuring and the GPU path
@@ -253,8 +244,8 @@ def test_score_reply_and_win_rate_definitions(tok):
 
 def test_gpu_path_loads_a_saved_model_and_trains_on_real_dataset_schemas(tok, tmp_path):
     """The GPU branch: from_pretrained on a folder; hh-rlhf and UltraFeedback rows (fixtures in the real schemas)
-    through apt_course.preference_data; multi-turn prompts through the chat template."""
-    from apt_course.preference_data import hh_rlhf_to_pairs, read_jsonl, ultrafeedback_to_pairs
+    through apt_course.data; multi-turn prompts through the chat template."""
+    from apt_course.data import hh_rlhf_to_pairs, read_jsonl, ultrafeedback_to_pairs
 
     save_model(make_tiny_model(tok), tok, tmp_path / "m")
     model, tokenizer = load_pretrained(tmp_path / "m")
@@ -265,5 +256,5 @@ def test_gpu_path_loads_a_saved_model_and_trains_on_real_dataset_schemas(tok, tm
     assert format_prompt(tokenizer, pairs[1]["prompt"]) == (
         "<|user|>How do I bake bread?<|assistant|>Do you have yeast at home?<eos><|user|>Yes, I do.<|assistant|>")
     assert format_prompt(tokenizer, pairs[0]["prompt"]) == chat_prompt(pairs[0]["prompt"])
-    hist = dpo.train_dpo(model, ref, tokenizer, pairs, dpo.PreferenceConfig(steps=2, batch_size=3))
+    hist = dpo.train_dpo(model, ref, tokenizer, pairs, dpo.DPOConfig(steps=2, batch_size=3))
     assert len(hist["loss"]) == 2 and all(math.isfinite(x) for x in hist["loss"])

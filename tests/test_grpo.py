@@ -7,21 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from apt_course import rewards, world
+from apt_course import data, rewards, world
 from apt_course.grpo import (
-    GRPOSettings,
+    GRPOConfig,
     RewardFunctionError,
     check_reward_functions,
-    completion_logprobs,
     group_advantages,
     grpo_loss,
     kl_k3,
     pass_at_k,
-    prompt_rows,
-    sample_groups,
     score_completions,
     train_grpo,
 )
+from apt_course.lm import completion_logprobs, prompt_rows, sample_groups
 from apt_course.model import make_tiny_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -117,14 +115,14 @@ def test_loss_and_gradient_match_trl(online_trainer, tok, loss_type):
     lengths = torch.tensor([1, 2, 3, 4, 5, 6, 6, 3])  # varied lengths so the three aggregations differ
     batch["completion_mask"] = (torch.arange(T)[None] < lengths[:, None]).long()
     with torch.no_grad():
-        logp = completion_logprobs(model, batch)
+        logp = completion_logprobs(model, batch, "none")
     old, ref, adv = logp + 0.3 * torch.randn(B, T), logp + 0.3 * torch.randn(B, T), torch.randn(B)
     inputs = {k: batch[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
     inputs |= {"advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref,
                "num_items_in_batch": batch["completion_mask"].sum()}
     trl_loss = trainer._compute_loss(model, inputs)
     trl_grad = torch.autograd.grad(trl_loss, model.model.embed_tokens.weight)[0]
-    mine, _ = grpo_loss(completion_logprobs(model, batch), old, adv, batch["completion_mask"], ref, beta=0.1,
+    mine, _ = grpo_loss(completion_logprobs(model, batch, "none"), old, adv, batch["completion_mask"], ref, beta=0.1,
                         loss_type=loss_type, max_completion_length=6)
     my_grad = torch.autograd.grad(mine, model.model.embed_tokens.weight)[0]
     assert torch.allclose(trl_loss, mine, atol=1e-6), (trl_loss.item(), mine.item())
@@ -183,14 +181,14 @@ def test_bad_prompt_sets_and_settings(tok):
     with pytest.raises(ValueError, match="row 1"):
         prompt_rows([{"prompt": "add 1 2"}, {"prompt": ""}])
     with pytest.raises(ValueError, match="group_size must be >= 2"):
-        GRPOSettings(group_size=1)
+        GRPOConfig(group_size=1)
     with pytest.raises(ValueError, match="loss_type"):
-        GRPOSettings(loss_type="ppo")
+        GRPOConfig(loss_type="ppo")
     model = make_tiny_model(tok)
     with pytest.raises(ValueError, match="beta > 0 needs a frozen ref_model"):
-        train_grpo(model, None, tok, ["add 1 2"], [rewards.format_reward], GRPOSettings(beta=0.1))
+        train_grpo(model, None, tok, ["add 1 2"], [rewards.format_reward], GRPOConfig(beta=0.1))
     with pytest.raises(TypeError, match="takes no \\*\\*kwargs"):
-        train_grpo(model, None, tok, ["add 1 2"], [lambda prompts, completions: [0.0]], GRPOSettings())
+        train_grpo(model, None, tok, ["add 1 2"], [lambda prompts, completions: [0.0]], GRPOConfig())
 
 
 # ---------------------------------------------------------------- the trainer learns
@@ -202,7 +200,7 @@ def test_train_grpo_raises_a_reward_on_a_small_budget(tok):
     torch.set_num_threads(1)
     model = make_tiny_model(tok, seed=0)
     history = train_grpo(model, copy.deepcopy(model), tok, ["add 1 2", "sort 321", "copy ab", "reverse abc"],
-                         [digits], GRPOSettings(steps=12, prompts_per_step=4, group_size=8, lr=3e-3,
+                         [digits], GRPOConfig(steps=12, prompts_per_step=4, group_size=8, lr=3e-3,
                                                 max_new_tokens=4, num_iterations=2))
     assert set(history) >= {"reward_mean", "reward_std", "frac_zero_std", "completion_length", "kl",
                             "clip_fraction", "reward/digits"}
@@ -211,23 +209,29 @@ def test_train_grpo_raises_a_reward_on_a_small_budget(tok):
     assert history["kl"][-1] > 0 and max(history["clip_fraction"]) > 0
 
 
-def test_pass_at_k_bounds(tok):
-    model = make_tiny_model(tok)
-    probs = world.verifiable_problems(4, "test")
-    mean, pass_k = pass_at_k(model, tok, probs, 2, world.check_answer, max_new_tokens=3)
-    assert 0.0 <= mean <= pass_k <= 1.0
+def test_pass_at_k_on_known_samples(tok, monkeypatch):
+    """Three prompts, k = 2 samples each: right/right, right/wrong, wrong/wrong -> a sample is right 3/6 of the
+    time, and 2 of 3 prompts have at least one right sample."""
+    import apt_course.grpo as grpo
+
+    probs = [{"prompt": "copy ab", "answer": "ab"}, {"prompt": "copy cd", "answer": "cd"},
+             {"prompt": "copy ef", "answer": "ef"}]
+    samples = ["ab", "ab", "cd", "xx", "fe", "e"]
+    monkeypatch.setattr(grpo, "generate", lambda *a, num_return_sequences, **k: samples)
+    mean, pass_k = pass_at_k(make_tiny_model(tok), tok, probs, 2, world.check_answer)
+    assert mean == pytest.approx(0.5) and pass_k == pytest.approx(2 / 3)
 
 
 # ---------------------------------------------------------------- real datasets (GPU profile) on fixtures
 
 def test_gsm8k_converter_on_the_real_schema():
-    rows = rewards.load_prompts(FIXTURES / "gsm8k_sample.jsonl")
+    rows = data.load_prompts(FIXTURES / "gsm8k_sample.jsonl")
     assert [r["answer"] for r in rows] == ["72", "10", "1245", "-2"]
     assert rows[0]["prompt"].startswith("Natalia sold clips") and "####" in rows[0]["system"]
     with pytest.raises(ValueError, match="row 0.*no '####'"):
-        rewards.gsm8k_to_rows([{"question": "q", "answer": "just 5"}])
+        data.gsm8k_to_rows([{"question": "q", "answer": "just 5"}])
     with pytest.raises(KeyError, match="row 0 lacks"):
-        rewards.gsm8k_to_rows([{"problem": "q", "solution": "5"}])
+        data.gsm8k_to_rows([{"problem": "q", "solution": "5"}])
 
 
 def test_math_answer_checker():
@@ -237,29 +241,26 @@ def test_math_answer_checker():
 
 
 def test_apt_prompts_format():
-    rows = rewards.load_prompts(FIXTURES / "apt_prompts.json")
+    rows = data.load_prompts(FIXTURES / "apt_prompts.json")
     assert rows[0] == {"prompt": "add 3 5", "answer": "8"} and rows[2]["system"].startswith("owner=")
-    plain = rewards.load_prompts(FIXTURES / "apt_prompts_plain.json")
+    plain = data.load_prompts(FIXTURES / "apt_prompts_plain.json")
     assert [r["prompt"] for r in plain] == ["hello, i am ann", "add 2 2", "copy abc"]
     with pytest.raises(ValueError, match="prompts\\[1\\]"):
-        rewards.apt_prompts_to_rows({"prompts": ["ok", {"text": "no prompt key"}]})
+        data.apt_prompts_to_rows({"prompts": ["ok", {"text": "no prompt key"}]})
     with pytest.raises(ValueError, match="APT prompts format"):
-        rewards.apt_prompts_to_rows({"pairs": []})
+        data.apt_prompts_to_rows({"pairs": []})
 
 
 def test_gpu_path_on_a_locally_saved_model(tiny_path, monkeypatch):
     """The notebook's PROFILE = "gpu" branch: load_model + GSM8K rows + math rewards, on a local folder."""
-    import datasets
-
-    from apt_course.grpo import load_grpo_data
+    from apt_course.data import load_grpo_data
     from apt_course.profiles import get_profile, load_model
 
-    records = [r for r in datasets.load_dataset("json", data_files=str(FIXTURES / "gsm8k_sample.jsonl"))["train"]]
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: {"train": records, "test": records})
-    profile = get_profile("gpu", model=tiny_path)
+    # the Hub names replaced by local stand-ins: a saved model folder, a fixture in GSM8K's schema
+    profile = get_profile("gpu", model=tiny_path, datasets={"math": str(FIXTURES / "gsm8k_sample.jsonl")})
     model, tokenizer = load_model(profile)
     data = load_grpo_data(profile, n_train=4, n_test=2, seed=0)
     assert data["train"][0]["answer"] == "72" and len(data["test"]) == 2
     history = train_grpo(model, None, tokenizer, data["train"], data["reward_fns"],
-                         GRPOSettings(steps=1, prompts_per_step=2, group_size=2, max_new_tokens=4))
+                         GRPOConfig(steps=1, prompts_per_step=2, group_size=2, max_new_tokens=4))
     assert len(history["reward_mean"]) == 1

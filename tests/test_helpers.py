@@ -9,7 +9,7 @@ import torch
 
 from apt_course.plots import before_after, smooth
 from apt_course.results import ResultsRecorder, format_report, load_results
-from apt_course.training import make_optimizer
+from apt_course.training import NonFiniteError, make_optimizer, optimizer_step
 from apt_course.utils import NetworkBlockedError, bf16_supported, get_device, set_seed
 
 
@@ -46,7 +46,13 @@ def test_seeding_repeats_and_device_is_cpu_here():
     a = torch.rand(3)
     set_seed(3)
     assert torch.equal(a, torch.rand(3))
-    assert get_device(verbose=False).type in ("cpu", "cuda", "mps")
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    want = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    assert get_device(verbose=False).type == want  # CUDA, then MPS, then CPU
+    assert get_device("cpu", verbose=False).type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA GPU"):
+            get_device("cuda", verbose=False)
     with pytest.raises(ValueError, match="Unknown device"):
         get_device("tpu")
 
@@ -81,3 +87,20 @@ def test_bf16_only_on_gpus_with_native_support(monkeypatch):
     for capability, native in (((7, 5), False), ((8, 0), True), ((9, 0), True)):  # T4, A100, H100
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert bf16_supported("cuda") is native
+
+
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_a_non_finite_loss_or_gradient_stops_training_and_keeps_the_weights(poison):
+    model = torch.nn.Linear(3, 1)
+    opt, sched = make_optimizer(model, lr=0.1, steps=10)
+    x = torch.ones(2, 3)
+    optimizer_step(model(x).pow(2).mean(), model, opt, sched)  # update 0 is fine
+    before = [p.detach().clone() for p in model.parameters()]
+    if poison == "loss":
+        loss = model(x).mean() * float("nan")
+    else:  # a finite loss whose gradient overflows: sqrt at 0 has an infinite derivative
+        loss = (model(x) - model(x).detach()).abs().sqrt().mean()
+    with pytest.raises(NonFiniteError, match=r"update 1: the (loss|gradient norm) is (nan|inf).*lower learning rate"):
+        optimizer_step(loss, model, opt, sched)
+    for b, p in zip(before, model.parameters()):
+        assert torch.equal(b, p) and torch.isfinite(p).all()

@@ -5,9 +5,9 @@ import torch
 
 from apt_course.lm import (
     build_batch,
+    completion_logprobs,
     completion_loss,
     generate,
-    sequence_logprobs,
     token_logprobs,
     truncate_pair,
 )
@@ -31,7 +31,7 @@ def test_masking_drops_exactly_the_prompt_tokens(tok):
 
 def test_logprobs_equal_a_hand_computed_sum(tok, model):
     b = build_batch(tok, ["<|user|>add 1 2<|assistant|>", "hi"], ["3", "there"])
-    got = sequence_logprobs(model, b, "sum")
+    got = completion_logprobs(model, b, "sum")
     with torch.no_grad():
         for row in range(2):
             ids = b["input_ids"][row]
@@ -42,7 +42,7 @@ def test_logprobs_equal_a_hand_computed_sum(tok, model):
                 if b["completion_mask"][row, t]:
                     total += torch.log_softmax(logits[t - 1], -1)[ids[t]].item()
             assert got[row].item() == pytest.approx(total, abs=1e-4)
-    mean = sequence_logprobs(model, b, "mean")
+    mean = completion_logprobs(model, b, "mean")
     counts = b["completion_mask"].sum(-1)
     assert torch.allclose(mean, got / counts, atol=1e-5)
 
@@ -57,7 +57,7 @@ def test_completion_loss_is_mean_nll_of_completion_tokens(tok, model):
     with torch.no_grad():
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         loss = completion_loss(logits, b["labels"])
-        total = sequence_logprobs(model, b, "sum").sum()
+        total = completion_logprobs(model, b, "sum").sum()
     assert loss.item() == pytest.approx(-total.item() / b["completion_mask"].sum().item(), rel=1e-4)
 
 
@@ -67,7 +67,7 @@ def test_batch_errors(tok):
     with pytest.raises(ValueError, match="empty batch"):
         build_batch(tok, [], [])
     with pytest.raises(ValueError, match="reduction"):
-        sequence_logprobs(None, {}, "max")
+        completion_logprobs(None, {}, "max")
 
 
 def test_generate_batched_equals_one_by_one(tok, model):

@@ -44,7 +44,28 @@ def test_shipped_checkpoints_load():
     from apt_course.checkpoints import checkpoint_path
 
     for name in ("base", "sft"):
-        model, tok = load_pretrained(checkpoint_path(name, build_if_missing=False))
+        model, tok = load_pretrained(checkpoint_path(name))
         assert model.config.vocab_size == len(tok)
     with pytest.raises(ValueError, match="unknown checkpoint"):
         checkpoint_path("dpo")
+
+
+def test_save_model_is_atomic_and_keeps_the_old_model_when_a_save_fails(tmp_path):
+    tok = build_tokenizer()
+    first = make_tiny_model(tok, seed=0)
+    path = save_model(first, tok, tmp_path / "m")
+    before = (path / "model.safetensors").read_bytes()
+
+    class BrokenTokenizer:
+        def save_pretrained(self, where):
+            raise OSError("disk full")
+
+    import pytest
+
+    with pytest.raises(OSError, match="disk full"):
+        save_model(make_tiny_model(tok, seed=1), BrokenTokenizer(), path)
+    assert (path / "model.safetensors").read_bytes() == before  # the old model is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]   # and no half-written folder is left
+    save_model(make_tiny_model(tok, seed=1), tok, path)          # a good save replaces it whole
+    assert (path / "model.safetensors").read_bytes() != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from apt_course import dpo, orpo, world
+from apt_course.lm import build_pair_batch
 from apt_course.model import make_tiny_model
 from apt_course.tokenizer import chat_prompt
 
@@ -16,23 +17,43 @@ T = torch.tensor
 def test_log1mexp_is_stable_and_exact():
     x = T([-1e-6, -0.1, -0.6931, -1.0, -30.0], dtype=torch.float64)
     assert torch.allclose(orpo.log1mexp(x), torch.log(1 - torch.exp(x)), rtol=1e-6)
-    assert torch.isfinite(orpo.log1mexp(T([-1e-9]))).all()
-    with pytest.raises(ValueError, match="x < 0"):
-        orpo.log1mexp(T([0.0]))
+    assert torch.isfinite(orpo.log1mexp(T([-1e-9, 0.0]))).all()
+    with pytest.raises(ValueError, match="x <= 0"):
+        orpo.log1mexp(T([0.1]))
+
+
+def _or_term(avg_c, avg_r):
+    return -torch.nn.functional.logsigmoid(orpo.log_odds_ratio(avg_c, avg_r)).mean()
+
+
+def test_orpo_gradient_stays_finite_and_right_near_certainty():
+    """Near certainty (a length-averaged log-prob in (-3e-8, 0), where the NLL term drives training) the
+    unselected branch of log1mexp has an infinite derivative; its gradient must not turn into NaN."""
+    avg_c, avg_r = T([-1e-9, -0.5], requires_grad=True), T([-1.0, -2.0])
+    _or_term(avg_c, avg_r).backward()
+    exact_c = avg_c.detach().double().requires_grad_()
+    lo = (exact_c - avg_r.double()) - (torch.log(-torch.expm1(exact_c)) - torch.log(-torch.expm1(avg_r.double())))
+    (-torch.nn.functional.logsigmoid(lo).mean()).backward()
+    assert torch.isfinite(avg_c.grad).all()
+    assert torch.allclose(avg_c.grad.double(), exact_c.grad, rtol=1e-4, atol=1e-7)
+    at_zero = T([0.0, -0.5], requires_grad=True)  # exactly certain: finite value and gradient, no exception
+    loss = _or_term(at_zero, avg_r)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(at_zero.grad).all()
 
 
 def test_orpo_loss_matches_hand_computation():
     # P(y_w) = 0.5 -> odds 1; P(y_l) = 0.2 -> odds 0.25; log odds ratio = log 4
     avg_c, avg_r = T([math.log(0.5)]), T([math.log(0.2)])
-    loss, or_term, log_odds = orpo.orpo_loss(T(1.0), avg_c, avg_r, lam=0.5)
+    loss, or_term, log_odds = orpo.orpo_loss(T(1.0), avg_c, avg_r, beta=0.5)
     assert log_odds.item() == pytest.approx(math.log(4), abs=1e-6)
     assert or_term.item() == pytest.approx(-math.log(0.8), abs=1e-6)  # -log sigmoid(log 4) = -log(4/5)
     assert loss.item() == pytest.approx(1.0 - 0.5 * math.log(0.8), abs=1e-6)
-    assert orpo.orpo_loss(T(1.0), avg_c, avg_r, lam=0.0)[0].item() == pytest.approx(1.0)  # lambda 0 = SFT
-    with pytest.raises(ValueError, match="lam"):
-        orpo.orpo_loss(T(1.0), avg_c, avg_r, lam=-1.0)
-    with pytest.raises(ValueError, match="lam must be >= 0"):
-        orpo.OddsRatioConfig(lam=-0.1)
+    assert orpo.orpo_loss(T(1.0), avg_c, avg_r, beta=0.0)[0].item() == pytest.approx(1.0)  # beta 0 = SFT
+    with pytest.raises(ValueError, match="beta"):
+        orpo.orpo_loss(T(1.0), avg_c, avg_r, beta=-1.0)
+    with pytest.raises(ValueError, match="beta must be >= 0"):
+        orpo.ORPOConfig(beta=-0.1)
 
 
 def test_orpo_nll_is_the_sft_loss_on_chosen(tok):
@@ -41,23 +62,23 @@ def test_orpo_nll_is_the_sft_loss_on_chosen(tok):
     model = make_tiny_model(tok, seed=2)
     pairs = world.preference_pairs(5, "train", seed=3)
     with torch.no_grad():
-        _, stats = orpo.orpo_batch_loss(model, dpo.build_pair_batch(tok, pairs), lam=0.1)
+        _, stats = orpo.orpo_batch_loss(model, build_pair_batch(tok, pairs), beta=0.1)
         b = build_batch(tok, [chat_prompt(p["prompt"]) for p in pairs], [p["chosen"] for p in pairs])
         sft = completion_loss(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
     assert stats["nll"] == pytest.approx(sft.item(), abs=1e-5)
 
 
-@pytest.mark.parametrize("lam", [0.1, 1.0])
-def test_orpo_matches_trl_experimental_orpotrainer(tok, tmp_path, lam):
-    from datasets import Dataset
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_orpo_matches_trl_experimental_orpotrainer(tok, tmp_path, beta):
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    from apt_course.data import to_trl_preference_dataset
 
     torch.set_num_threads(1)
     model = make_tiny_model(tok, seed=1)
     pairs = world.preference_pairs(6, "train", seed=0)
-    ds = Dataset.from_list([{"prompt": chat_prompt(p["prompt"]), "chosen": p["chosen"], "rejected": p["rejected"]}
-                            for p in pairs])
-    args = ORPOConfig(output_dir=str(tmp_path), beta=lam, max_length=256, report_to="none", use_cpu=True, bf16=False,
+    ds = to_trl_preference_dataset(pairs, tok)
+    args = ORPOConfig(output_dir=str(tmp_path), beta=beta, max_length=256, report_to="none", use_cpu=True, bf16=False,
                       per_device_train_batch_size=len(pairs), max_steps=1, save_strategy="no", disable_tqdm=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -65,8 +86,8 @@ def test_orpo_matches_trl_experimental_orpotrainer(tok, tmp_path, lam):
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(pairs))])
     with torch.no_grad():
         theirs = trainer.compute_loss(trainer.model, batch).item()
-        ours = orpo.orpo_batch_loss(model, dpo.build_pair_batch(tok, pairs), lam, nll_on_prompt=True)[0].item()
-        paper = orpo.orpo_batch_loss(model, dpo.build_pair_batch(tok, pairs), lam)[0].item()
+        ours = orpo.orpo_batch_loss(model, build_pair_batch(tok, pairs), beta, nll_on_prompt=True)[0].item()
+        paper = orpo.orpo_batch_loss(model, build_pair_batch(tok, pairs), beta)[0].item()
     assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-6)
     assert abs(paper - theirs) > 1e-4  # TRL's NLL includes the prompt; the paper's (our default) does not
 
@@ -75,17 +96,17 @@ def test_train_orpo_learns_sft_and_preferences_in_one_stage(tok):
     model = make_tiny_model(tok, seed=0)
     train = world.preference_pairs(128, "train", seed=0, kinds=("polite",))
     test = world.preference_pairs(64, "test", seed=0, kinds=("polite",))
-    before = dpo.preference_accuracy(model, tok, test, normalize=True)
-    hist = orpo.train_orpo(model, tok, train, orpo.OddsRatioConfig(steps=25, batch_size=16, lr=3e-3, lam=1.0))
-    after = dpo.preference_accuracy(model, tok, test, normalize=True)
+    before = dpo.implicit_reward_accuracy(model, tok, test, normalize=True)
+    hist = orpo.train_orpo(model, tok, train, orpo.ORPOConfig(steps=25, batch_size=16, lr=3e-3, beta=1.0))
+    after = dpo.implicit_reward_accuracy(model, tok, test, normalize=True)
     assert hist["nll"][-1] < 0.5 * hist["nll"][0]  # the SFT half
     assert hist["log_odds"][-1] > hist["log_odds"][0]  # the preference half
     assert after >= 0.9 and after > before, (before, after)
 
 
 def test_orpo_rejects_bad_pairs(tok):
-    with pytest.raises(KeyError, match="row 0 is missing"):
-        orpo.train_orpo(make_tiny_model(tok), tok, [{"prompt": "hi", "chosen": "a"}], orpo.OddsRatioConfig(steps=1))
+    with pytest.raises(KeyError, match="row 0 has no .rejected. column"):
+        orpo.train_orpo(make_tiny_model(tok), tok, [{"prompt": "hi", "chosen": "a"}], orpo.ORPOConfig(steps=1))
 
 
 def test_training_state_bytes_counts_the_reference():

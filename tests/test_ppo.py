@@ -55,19 +55,24 @@ def test_gae_lambda_one_is_monte_carlo_and_batched():
 
 def test_ppo_policy_loss_matches_formula_including_clip():
     eps = 0.2
-    new = torch.log(torch.tensor([1.5, 0.5, 1.1, 0.7]))  # ratios 1.5, 0.5, 1.1, 0.7 (old logp = 0)
-    old = torch.zeros(4)
-    adv = torch.tensor([2.0, -1.0, 1.0, 3.0])
-    # per sample min(r A, clip(r) A): 1.5*2 -> clip 1.2*2 = 2.4; 0.5*-1=-0.5 vs 0.8*-1=-0.8 -> -0.8;
-    # 1.1*1 inside the clip range -> 1.1; 0.7*3=2.1 vs 0.8*3=2.4 -> 2.1 (pessimistic: unclipped)
-    expected = -(2.4 - 0.8 + 1.1 + 2.1) / 4
+    # every case of the clip (old logp = 0, so the ratio r = exp(new)):
+    #   r=1.5, A=+2: above 1+eps, helping   -> clipped:   1.2*2 = 2.4, no gradient
+    #   r=0.5, A=-1: below 1-eps, helping   -> clipped:   0.8*-1 = -0.8, no gradient
+    #   r=1.1, A=+1: inside [0.8, 1.2]      -> r A = 1.1
+    #   r=0.7, A=+3: below 1-eps, hurting   -> unclipped (pessimistic): 0.7*3 = 2.1
+    #   r=1.4, A=-2: above 1+eps, hurting   -> unclipped (pessimistic): 1.4*-2 = -2.8
+    new = torch.log(torch.tensor([1.5, 0.5, 1.1, 0.7, 1.4]))
+    old = torch.zeros(5)
+    adv = torch.tensor([2.0, -1.0, 1.0, 3.0, -2.0])
+    expected = -(2.4 - 0.8 + 1.1 + 2.1 - 2.8) / 5
     loss = ppo_policy_loss(new, old, adv, eps)
     assert loss.item() == pytest.approx(expected, abs=1e-6)
-    # gradient flows only through the unclipped terms (samples 3 and 4)
+    # the gradient flows only through the unclipped terms: d(-r A / n)/d log r = -r A / n
     new = new.clone().requires_grad_(True)
     ppo_policy_loss(new, old, adv, eps).backward()
     r = torch.exp(new.detach())
-    np.testing.assert_allclose(new.grad.numpy(), [0, 0, -(r[2] * 1.0) / 4, -(r[3] * 3.0) / 4], atol=1e-6)
+    np.testing.assert_allclose(new.grad.numpy(), [0, 0, -r[2] * 1.0 / 5, -r[3] * 3.0 / 5, -r[4] * -2.0 / 5],
+                               atol=1e-6)
 
 
 def test_value_loss_clipped_and_plain():

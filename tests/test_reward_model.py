@@ -9,23 +9,22 @@ import torch
 
 from apt_course import world
 from apt_course.checkpoints import NAMES, checkpoint_path, load_checkpoint
-from apt_course.model import make_tiny_model, save_model
-from apt_course.preference_data import (
+from apt_course.data import (
     hh_rlhf_to_pairs,
     load_apt_pairs,
     read_jsonl,
     ultrafeedback_to_pairs,
     validate_pairs,
 )
+from apt_course.model import make_tiny_model, save_model
 from apt_course.reward_model import (
-    HACK,
     RewardConfig,
     TRLRewardConfig,
     bradley_terry_loss,
     hacked_response,
     load_reward_model,
     make_trl_reward_trainer,
-    preference_accuracy,
+    reward_accuracy,
     reward_batch,
     rewards,
     score,
@@ -86,14 +85,14 @@ def test_trl_reward_trainer_gives_the_same_loss_on_a_fixed_batch(tiny_rm, center
                                             abs=1e-6)
 
 
-def test_train_reward_model_raises_preference_accuracy(tiny_rm):
+def test_train_reward_model_raises_reward_accuracy(tiny_rm):
     rm, tok = tiny_rm
     rm = type(rm)(rm.config)  # a fresh copy of the architecture, so the fixture stays untouched
     rm.load_state_dict(tiny_rm[0].state_dict())
     train = world.preference_pairs(200, "train", seed=0, kinds=("concise",))
     test = world.preference_pairs(40, "test", seed=0, kinds=("concise",))
     history = train_reward_model(rm, tok, train, RewardConfig(steps=15, batch_size=16, lr=2e-3, warmup=2))
-    assert preference_accuracy(rm, tok, test) >= 0.9
+    assert reward_accuracy(rm, tok, test) >= 0.9
     assert set(history) == {"step", "loss", "acc", "margin"}
 
 
@@ -101,17 +100,17 @@ def test_hacked_response_is_wrong_and_polite():
     for task in world.instruction_examples(20, "test", seed=0):
         hacked = hacked_response(task)
         assert not world.check_answer(task, hacked), hacked
-        assert hacked.endswith("nice to meet you!") and "nice to meet you" in HACK
+        assert hacked.endswith("nice to meet you!")
 
 
 def test_shipped_rm_checkpoint_loads_as_a_reward_model():
     assert "rm" in NAMES
-    path = checkpoint_path("rm", build_if_missing=False)
+    path = checkpoint_path("rm")
     assert (path / "model.safetensors").stat().st_size < 8_000_000
     rm, tok = load_checkpoint("rm")
     assert type(rm).__name__ == "LlamaForSequenceClassification" and rm.config.num_labels == 1
     pairs = world.preference_pairs(60, "test", seed=5)
-    assert preference_accuracy(rm, tok, pairs) >= 0.85
+    assert reward_accuracy(rm, tok, pairs) >= 0.85
 
 
 def test_hh_rlhf_converter_splits_the_shared_prefix():

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from apt_course.grpo import completion_logprobs, sample_groups
+from apt_course.lm import completion_logprobs, sample_groups
 from apt_course.model import make_tiny_model
 from apt_course.rlhf import (
     PolicyWithValue,
-    RLHFSettings,
+    RLHFConfig,
     kl_shaped_rewards,
     rloo_advantages,
     rloo_loss,
@@ -37,7 +37,7 @@ def test_token_gae_by_hand():
     values = torch.tensor([[0.5, 0.2, 9.0]])  # the third token is padding: its value must not leak in
     mask = torch.tensor([[1, 1, 0]])
     lam = 0.5
-    adv, ret = token_gae(rewards, values, mask, lam=lam, gamma=1.0)
+    adv, ret = token_gae(rewards, values, mask, gae_lambda=lam, gamma=1.0)
     d1 = 1.0 - 0.2                 # last real token: no bootstrap
     d0 = 0.0 + 0.2 - 0.5
     assert torch.allclose(adv, torch.tensor([[d0 + lam * d1, d1, 0.0]]), atol=1e-6)
@@ -50,7 +50,7 @@ def test_value_head_starts_at_zero_and_settings_are_checked(tok):
     logits, values = policy(ids["input_ids"], ids["attention_mask"])
     assert values.shape == ids["input_ids"].shape and torch.equal(values, torch.zeros_like(values))
     with pytest.raises(ValueError, match="multiple of minibatch_size"):
-        RLHFSettings(batch_size=10, minibatch_size=4)
+        RLHFConfig(batch_size=10, minibatch_size=4)
     with pytest.raises(ValueError, match="prompt set is empty"):
         train_rlhf(policy, copy.deepcopy(policy.lm), tok, [], lambda p, c: torch.zeros(len(c)))
 
@@ -66,7 +66,7 @@ def test_bad_reward_functions_are_clear_errors(tok, reward_fn, error, msg):
     lm = make_tiny_model(tok, seed=0)
     with pytest.raises(error, match=msg):
         train_rlhf(PolicyWithValue(lm), copy.deepcopy(lm), tok, ["add 1 2"], reward_fn,
-                   RLHFSettings(steps=1, batch_size=4, minibatch_size=2, ppo_epochs=1, max_new_tokens=2))
+                   RLHFConfig(steps=1, batch_size=4, minibatch_size=2, ppo_epochs=1, max_new_tokens=2))
 
 
 def test_train_rlhf_raises_a_simple_reward(tok):
@@ -78,7 +78,7 @@ def test_train_rlhf_raises_a_simple_reward(tok):
         return torch.tensor([sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions])
 
     history = train_rlhf(policy, copy.deepcopy(lm), tok, ["add 1 2", "sort 321", "copy ab"], digits,
-                         RLHFSettings(steps=12, batch_size=32, minibatch_size=16, ppo_epochs=2, lr=3e-3, beta=0.01,
+                         RLHFConfig(steps=12, batch_size=32, minibatch_size=16, ppo_epochs=2, lr=3e-3, beta=0.01,
                                       max_new_tokens=4))
     assert sum(history["score"][-3:]) / 3 > sum(history["score"][:3]) / 3 + 0.1, history["score"]
     assert history["kl"][-1] > 0 and set(history) >= {"approx_kl", "clip_fraction", "explained_variance"}
@@ -86,13 +86,8 @@ def test_train_rlhf_raises_a_simple_reward(tok):
 
 def test_greeting_ground_truth_and_rm_reward_fn(tok):
     from apt_course import world
-    from apt_course.rlhf import (
-        friendly_but_wrong,
-        greeting_prompts,
-        is_polite,
-        names_the_person,
-        rm_reward_fn,
-    )
+    from apt_course.rlhf import rm_reward_fn
+    from apt_course.world import friendly_but_wrong, greeting_prompts, is_polite, names_the_person
 
     train, test = greeting_prompts(50, "train"), greeting_prompts(50, "test")
     assert not set(train) & set(test) and all(p.split()[-1] in world.NAMES for p in train)
@@ -178,13 +173,13 @@ def test_rloo_loss_and_gradient_match_trl(online_trainer, tok):
     B, T = batch["completion_ids"].shape
     batch["completion_mask"] = (torch.arange(T)[None] < torch.tensor([1, 2, 3, 4, 5, 6, 6, 3])[:, None]).long()
     with torch.no_grad():
-        logp = completion_logprobs(model, batch)
+        logp = completion_logprobs(model, batch, "none")
     old, adv = logp + 0.1 * torch.randn(B, T), torch.randn(B)
     inputs = {k: batch[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
     inputs |= {"advantages": adv, "old_logps": (old * batch["completion_mask"]).sum(1)}
     trl_loss = trainer._compute_loss(model, inputs)
     trl_grad = torch.autograd.grad(trl_loss, model.model.embed_tokens.weight)[0]
-    mine = rloo_loss(completion_logprobs(model, batch), old, adv, batch["completion_mask"], epsilon=0.2)
+    mine = rloo_loss(completion_logprobs(model, batch, "none"), old, adv, batch["completion_mask"], epsilon=0.2)
     my_grad = torch.autograd.grad(mine, model.model.embed_tokens.weight)[0]
     assert torch.allclose(trl_loss, mine, atol=1e-6), (trl_loss.item(), mine.item())
     assert torch.allclose(trl_grad, my_grad, atol=1e-6)
@@ -212,7 +207,7 @@ def test_train_rlhf_evaluates_along_the_run(tok):
         return {"quality": 0.5}
 
     history = train_rlhf(PolicyWithValue(lm), copy.deepcopy(lm), tok, ["add 1 2"], lambda p, c: torch.zeros(len(c)),
-                         RLHFSettings(steps=3, batch_size=4, minibatch_size=2, ppo_epochs=1, max_new_tokens=2),
+                         RLHFConfig(steps=3, batch_size=4, minibatch_size=2, ppo_epochs=1, max_new_tokens=2),
                          eval_fn=eval_fn, eval_every=2)
     assert [e["step"] for e in history["eval"]] == [0, 2, 3] and all(calls)
     assert history["eval"][0]["quality"] == 0.5
@@ -221,23 +216,15 @@ def test_train_rlhf_evaluates_along_the_run(tok):
 def test_gpu_path_on_a_locally_saved_model(tiny_path, monkeypatch):
     """The notebook's PROFILE = "gpu" branch: load_model, hh-rlhf prompts and a reward model loaded by path,
     through the same from_pretrained calls, on local folders and the hh-rlhf fixture."""
-    import datasets
-
-    from apt_course.preference_data import read_jsonl
+    from apt_course.data import load_rlhf_data
     from apt_course.profiles import get_profile, load_model
-    from apt_course.rlhf import load_rlhf_data, load_rlhf_reward_fn
+    from apt_course.rlhf import load_rlhf_reward_fn
 
-    rows = read_jsonl(FIXTURES / "hh_rlhf_sample.jsonl")
-    seen = []
-
-    def fake_load_dataset(name, split):
-        seen.append((name, split))
-        return rows
-
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    profile = get_profile("gpu", model=tiny_path, reward_model=tiny_path)
+    assert get_profile("gpu").datasets["preference"] == "Anthropic/hh-rlhf"
+    profile = get_profile("gpu", model=tiny_path, reward_model=tiny_path,  # local stand-ins for the Hub names
+                          datasets={"preference": str(FIXTURES / "hh_rlhf_sample.jsonl")})
     data = load_rlhf_data(profile, n_train=2, n_test=1)
-    assert seen[0][0] == "Anthropic/hh-rlhf" and data["quality"] is None
+    assert data["quality"] is None
     assert data["train"] == ["What are some cuss words in english?", "What is the capital of France?"]
     with pytest.raises(ValueError, match="max_prompt_chars"):
         load_rlhf_data(profile, n_train=2, n_test=1, max_prompt_chars=5)
@@ -245,7 +232,7 @@ def test_gpu_path_on_a_locally_saved_model(tiny_path, monkeypatch):
     reward_fn = load_rlhf_reward_fn(profile)
     assert reward_fn(data["test"], ["Paris."]).shape == (1,)
     history = train_rlhf(PolicyWithValue(model), copy.deepcopy(model), tokenizer, data["train"], reward_fn,
-                         RLHFSettings(steps=1, batch_size=2, minibatch_size=1, ppo_epochs=1, max_new_tokens=3))
+                         RLHFConfig(steps=1, batch_size=2, minibatch_size=1, ppo_epochs=1, max_new_tokens=3))
     assert len(history["score"]) == 1
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_rlhf_reward_fn(profile, reward_model="./no-such-rm")

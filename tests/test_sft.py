@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from apt_course import world
+from apt_course.data import coig_to_sft, load_apt_instructions
 from apt_course.lm import build_batch, completion_loss
 from apt_course.model import count_parameters, make_tiny_model, save_model
 from apt_course.profiles import get_profile, load_model
@@ -15,8 +16,6 @@ from apt_course.sft import (
     SFTConfig,
     TRLSFTConfig,
     add_lora,
-    coig_to_sft,
-    load_apt_instructions,
     make_trl_sft_trainer,
     merge_and_save,
     run_trl_sft,

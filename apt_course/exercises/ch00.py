@@ -9,7 +9,7 @@ import torch
 from ..lm import generate, token_logprobs
 from ..model import make_tiny_model
 from ..tokenizer import build_tokenizer, chat_prompt
-from . import exercise, expect, expect_close
+from . import ExerciseFailed, exercise, expect, expect_close
 
 
 @exercise("ch00.perplexity", "Perplexity from a mean next-token loss")
@@ -38,7 +38,7 @@ def check_masked_logprob(fn):
     got = fn(logits, ids, mask)
     expect(torch.is_tensor(got) and got.shape == (3,), f"expected a tensor of shape (3,), got {getattr(got, 'shape', got)}")
     if torch.allclose(got, (token_logprobs(logits, ids) * mask[:, :-1]).sum(-1), atol=1e-5):
-        raise AssertionError("off by one: logits at position t predict token t+1, so use mask[:, 1:]")
+        raise ExerciseFailed("off by one: logits at position t predict token t+1, so use mask[:, 1:]")
     expect(torch.allclose(got, target, atol=1e-4), "values differ: log_softmax, gather the next token, mask, sum")
 
 

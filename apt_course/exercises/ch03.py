@@ -40,12 +40,12 @@ def check_gae(gae):
     for dones in ([0, 0, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0], [0, 1, 0, 0, 1, 1]):
         d = np.array(dones, dtype=np.float64)
         r, v, last = rng.normal(size=6), rng.normal(size=6), float(rng.normal())
-        for gamma, lam in ((0.99, 0.95), (0.9, 0.0), (0.8, 1.0)):
-            got = gae(r.copy(), v.copy(), d.copy(), last, gamma, lam)
+        for gamma, gae_lambda in ((0.99, 0.95), (0.9, 0.0), (0.8, 1.0)):
+            got = gae(r.copy(), v.copy(), d.copy(), last, gamma, gae_lambda)
             expect(got is not None, "your gae returned None: did you forget `return`?")
             got = np.asarray(got, dtype=np.float64)
-            want, _ = compute_gae(r, v, d, last, gamma, lam)
+            want, _ = compute_gae(r, v, d, last, gamma, gae_lambda)
             expect(got.shape == want.shape, f"one advantage per step: shape {want.shape}, got {got.shape}")
             expect(np.allclose(got, want, atol=1e-6),
-                   f"wrong with dones={dones}, gamma={gamma}, lambda={lam}: delta_t = r_t + gamma (1-d_t) V_(t+1) - V_t, "
+                   f"wrong with dones={dones}, gamma={gamma}, lambda={gae_lambda}: delta_t = r_t + gamma (1-d_t) V_(t+1) - V_t, "
                    "A_t = delta_t + gamma lambda (1-d_t) A_(t+1), with V_T = last_value")

@@ -6,7 +6,7 @@ import torch
 
 from ..lm import build_batch, completion_loss
 from ..tokenizer import build_tokenizer, chat_prompt
-from . import exercise, expect
+from . import ExerciseFailed, exercise, expect
 
 
 @exercise("ch04.labels", "Completion-only labels: -100 on the prompt, the token ids on the completion")
@@ -39,7 +39,7 @@ def check_sft_loss(fn):
     want = completion_loss(logits, labels)
     per_row = torch.stack([completion_loss(logits[i:i + 1], labels[i:i + 1]) for i in range(3)]).mean()
     if torch.allclose(got, per_row, atol=1e-5):
-        raise AssertionError("that is the mean of per-sequence means: it over-weights short answers. "
+        raise ExerciseFailed("that is the mean of per-sequence means: it over-weights short answers. "
                              "Average over every completion token of the batch at once")
     expect(torch.allclose(got, want, atol=1e-5),
            f"got {got.item():.4f}, expected {want.item():.4f}: shift (logits[:, :-1] predict labels[:, 1:]), "

@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..reward_model import bradley_terry_loss
-from . import exercise, expect, expect_close
+from . import ExerciseFailed, exercise, expect, expect_close
 
 
 @exercise("ch05.bt_prob", "Bradley–Terry: the probability that chosen beats rejected")
@@ -26,7 +26,7 @@ def check_bt_loss(fn):
     expect(torch.is_tensor(got) and got.dim() == 0, "return a scalar tensor (the mean over the batch)")
     want = bradley_terry_loss(rc, rr)
     if torch.allclose(got, bradley_terry_loss(rr, rc), atol=1e-5):
-        raise AssertionError("sign flipped: the loss must be small when r_chosen > r_rejected")
+        raise ExerciseFailed("sign flipped: the loss must be small when r_chosen > r_rejected")
     expect(torch.allclose(got, want, atol=1e-5), f"got {got.item():.4f}, expected {want.item():.4f}: "
            "-mean(log sigmoid(r_chosen - r_rejected)); use F.logsigmoid for stability")
     big = fn(torch.tensor([200.0]), torch.tensor([-200.0]))
@@ -42,6 +42,6 @@ def check_last_token(fn):
     got = fn(scores, mask)
     expect(torch.is_tensor(got) and got.shape == (3,), f"return shape (3,), got {getattr(got, 'shape', got)}")
     if torch.allclose(got, scores[:, -1]):
-        raise AssertionError("position -1 is padding for short rows: find each row's last position with mask = 1")
+        raise ExerciseFailed("position -1 is padding for short rows: find each row's last position with mask = 1")
     want = scores[torch.arange(3), mask.sum(-1) - 1]
     expect(torch.allclose(got, want), f"got {got.tolist()}, expected {want.tolist()}")

@@ -31,16 +31,16 @@ def check_log_odds(fn):
 def check_orpo_loss(fn):
     _need_function(fn, "orpo_loss")
     avg_c, avg_r = torch.tensor([-0.2, -1.0, -3.0]), torch.tensor([-0.5, -0.8, -6.0])
-    for lam in (0.1, 1.0):
-        out = fn(torch.tensor(1.5), avg_c, avg_r, lam)
+    for beta in (0.1, 1.0):
+        out = fn(torch.tensor(1.5), avg_c, avg_r, beta)
         expect(isinstance(out, torch.Tensor) and out.dim() == 0, "return a scalar torch tensor")
         lo = lambda a: a - torch.log(-torch.expm1(a))  # noqa: E731
         ratio = lo(avg_c) - lo(avg_r)
-        want = 1.5 - lam * F.logsigmoid(ratio).mean()
-        flipped = 1.5 + lam * F.logsigmoid(ratio).mean()
+        want = 1.5 - beta * F.logsigmoid(ratio).mean()
+        flipped = 1.5 + beta * F.logsigmoid(ratio).mean()
         expect(abs(out.item() - flipped.item()) > 1e-6, "the odds-ratio term has the wrong sign: the loss SUBTRACTS "
                                                         "lambda * log sigmoid(log odds ratio)")
-        expect(abs(out.item() - want.item()) < 1e-5, f"wrong for lambda = {lam}: L = nll - lambda * mean log "
+        expect(abs(out.item() - want.item()) < 1e-5, f"wrong for beta = {beta}: L = nll - beta * mean log "
                                                       "sigmoid(log odds(y_w) - log odds(y_l))")
 
 

@@ -1,0 +1,81 @@
+"""The recipes of the shipped tiny checkpoints, and the code that rebuilds them from the chapters' trainers.
+
+``base``: chapter 00's pretraining, run longer; ``sft``: chapter 04's SFT on tiny-world instructions plus
+greetings answered politely only a fifth of the time (the rudeness is the headroom chapters 06-07 remove);
+``rm``: chapter 05's Bradley–Terry reward model started from ``sft``. ``python -m apt_course build-checkpoints``
+runs :func:`build_all` (about 15 minutes on a quiet 2-core CPU); each folder gets a ``recipe.json`` of what ran.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoints import NAMES, checkpoint_path, checkpoints_dir, load_checkpoint
+
+BASE_RECIPE = {"seed": 0, "corpus_size": 20000, "steps": 1500, "batch_size": 64, "seq_len": 64, "lr": 3e-3}
+SFT_RECIPE = {"seed": 0, "train_size": 8000, "greetings": 1500, "steps": 800, "batch_size": 64, "lr": 2e-3}
+RM_RECIPE = {"seed": 0, "train_size": 4000, "steps": 300, "batch_size": 32, "lr": 1e-3}
+CAI_RECIPE = {"seed": 0, "mixture_size": 10500, "steps": 800, "batch_size": 32, "lr": 1e-3}  # chapter 10
+
+
+def build(name: str, out: Path) -> Path:
+    """Rebuild one checkpoint from its recipe (deterministic on a given machine and torch version)."""
+    from . import world
+    from .model import make_tiny_model, save_model
+    from .pretrain import PretrainConfig, pretrain
+    from .sft import SFTConfig, train_sft
+    from .tokenizer import build_tokenizer
+
+    start = time.perf_counter()
+    if name == "base":
+        r = BASE_RECIPE
+        tokenizer = build_tokenizer()
+        model = make_tiny_model(tokenizer, seed=r["seed"])
+        texts = world.pretraining_corpus(r["corpus_size"], seed=r["seed"])
+        cfg = PretrainConfig(steps=r["steps"], batch_size=r["batch_size"], seq_len=r["seq_len"], lr=r["lr"],
+                             seed=r["seed"])
+        history = pretrain(model, tokenizer, texts, cfg)
+    elif name == "sft":
+        r = SFT_RECIPE
+        model, tokenizer = load_checkpoint("base")
+        torch.manual_seed(r["seed"])
+        data = world.instruction_examples(r["train_size"], "train", seed=r["seed"])
+        data += world.greeting_dialogues(r["greetings"], "train", seed=r["seed"])
+        cfg = SFTConfig(steps=r["steps"], batch_size=r["batch_size"], lr=r["lr"], seed=r["seed"])
+        history = train_sft(model, tokenizer, data, cfg)
+    elif name == "rm":
+        from .model import load_reward_model
+        from .reward_model import RewardConfig, train_reward_model
+
+        r = RM_RECIPE
+        torch.manual_seed(r["seed"])  # the new scalar head's initialisation
+        model, tokenizer = load_reward_model(checkpoint_path("sft"))
+        pairs = world.preference_pairs(r["train_size"], "train", seed=r["seed"])
+        cfg = RewardConfig(steps=r["steps"], batch_size=r["batch_size"], lr=r["lr"], seed=r["seed"])
+        history = train_reward_model(model, tokenizer, pairs, cfg)
+    elif name == "cai":  # sft + constitution.format_mixture: helpful-only, and it can critique, revise, judge
+        from .constitution import train_formats
+
+        r = CAI_RECIPE
+        model, tokenizer = load_checkpoint("sft")
+        torch.manual_seed(r["seed"])
+        history = train_formats(model, tokenizer, n=r["mixture_size"], seed=r["seed"], steps=r["steps"],
+                                batch_size=r["batch_size"], lr=r["lr"])
+    else:
+        raise ValueError(f"unknown checkpoint {name!r}; the course ships {NAMES}")
+    path = save_model(model, tokenizer, Path(out) / name)
+    info = {"name": name, "recipe": r, "final_loss": history["loss"][-1],
+            "seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__}
+    (path / "recipe.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"built {name} in {info['seconds']} s -> {path}")
+    return path
+
+
+def build_all(names: list[str] | None = None, out: str | Path | None = None) -> None:
+    out = Path(out) if out else checkpoints_dir()
+    for name in names or NAMES:
+        build(name, out)

@@ -1,0 +1,181 @@
+"""Run chapters at several seeds and write the table of what each reached, per seed.
+
+    python benchmarks/seed_sweep.py ch04 ch08 --seeds 0 1 2 3 4 -j 2    # two notebooks at a time
+    python benchmarks/seed_sweep.py --readme                            # only rewrite README's table
+
+Each run is ``python -m apt_course run <chapter> --seed S`` in its own process with its own results folder
+(``APT_COURSE_RESULTS``), so two can run side by side. Everything recorded goes to
+``benchmarks/results/seed_sweep.json`` (merged with earlier sweeps: a chapter swept again replaces its old
+rows) and, as a table per chapter with min and max over the seeds, to ``benchmarks/results/seed_sweep.md``.
+Floors in the notebooks are set from these ranges. ``--readme`` regenerates the README's results table from
+the same file (between ``<!-- results:start -->`` and ``<!-- results:end -->``), so the figures a reader sees
+come from recorded runs, never from typing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "results"
+
+# The README's table: per notebook, what it teaches and how to print its headline from the recorded metrics.
+# Each entry: (label, metric, format); a range over the swept seeds is printed for each metric.
+HEADLINES = {
+    "ch00_tiny_world": ("the tiny world, tokenizer, tiny Llama, pretraining, sampling",
+                        [("held-out loss after the notebook's pretraining", "loss_after", ".2f"),
+                         ("shipped base: held-out facts completed", "fact_acc_shipped_base", ".2f")]),
+    "ch01_mdp": ("MDPs, Bellman equations, value and policy iteration",
+                 [("max |V* - exact solution|", "max_abs_diff", ".0e")]),
+    "ch02_reinforce": ("policy gradients, returns-to-go, baselines, variance",
+                       [("CartPole return after training", "return_trained", ".0f"),
+                        ("gradient-variance cut by the baseline", "variance_ratio", ".1f")]),
+    "ch03_ppo": ("clipped surrogate, GAE, value loss, entropy, minibatches",
+                 [("CartPole evaluation return", "eval_return", ".0f")]),
+    "ch04_sft": ("SFT, prompt masking, chat templates, SFTTrainer, LoRA",
+                 [("exact match after SFT from scratch", "acc_sft", ".2f"),
+                  ("at equal budget: ours", "acc_sft_equal", ".2f"), ("TRL", "acc_trl", ".2f"),
+                  ("LoRA", "acc_lora", ".2f")]),
+    "ch05_reward_model": ("Bradley–Terry, RewardTrainer, reward hacking",
+                          [("preference accuracy of the notebook's RM", "pref_acc_scratch", ".2f"),
+                           ("shipped RM", "pref_acc_shipped_rm", ".2f"), ("hack rate", "hack_rate", ".2f")]),
+    "ch06_rlhf_ppo": ("RLHF with PPO on an LM, KL penalty, over-optimisation, RLOO",
+                      [("RM score after PPO", "reward_after", ".1f"), ("KL", "kl", ".1f"),
+                       ("ground truth after PPO", "quality_after", ".2f"),
+                       ("with β = 0: KL", "kl_beta0", ".0f")]),
+    "ch07_dpo": ("DPO, IPO, SimPO, KTO, DPOTrainer",
+                 [("implicit-reward accuracy", "pref_acc", ".2f"), ("win rate over SFT", "win_rate", ".2f")]),
+    "ch08_orpo": ("ORPO: one stage, no reference model, vs SFT → DPO at an equal number of steps",
+                  [("ORPO preference accuracy", "orpo_pref_acc", ".2f"), ("ORPO task accuracy", "orpo_task_acc", ".2f"),
+                   ("SFT → DPO task accuracy", "dpo_task_acc", ".2f")]),
+    "ch09_grpo": ("GRPO, group advantages, verifiable rewards, GRPOTrainer",
+                  [("greedy accuracy before", "acc_before", ".2f"), ("after", "acc_after", ".2f")]),
+    "ch10_constitutional_ai": ("Constitutional AI: critique → revision (SL-CAI), an AI judge, RLAIF with DPO",
+                               [("violation rate before", "violation_before", ".2f"),
+                                ("after SL-CAI", "violation_sl_cai", ".2f"), ("after RL-CAI", "violation_rl_cai", ".2f"),
+                                ("judge agreement", "judge_agreement", ".2f"), ("over-refusal", "over_refusal", ".2f")]),
+    "ch11_loyalty": ("loyalty: an owner bonus on GRPO that works, a trusted channel, spoofing",
+                     [("owner-style gap", "gap_fixed", ".2f"), ("spoof rate", "spoof_rate_fixed", ".2f"),
+                      ("task accuracy after", "acc_after_fixed", ".2f")]),
+    "ch12_storm": ("storm: Gumbel noise on the logits (3 schedules), NEFTune, CoT internalisation",
+                   [("held-out sums, answer only", "acc_answer_only", ".2f"),
+                    ("explicit CoT", "acc_explicit_cot", ".2f"), ("internalised", "acc_internalised", ".2f"),
+                    ("noise-free", "acc_noise_free", ".2f"), ("storm (cosine)", "acc_storm_cosine", ".2f")]),
+}
+
+
+def run_one(chapter: str, seed: int, timeout: int) -> dict:
+    """Execute one notebook at one seed in a fresh process; returns its record (or the failure)."""
+    with tempfile.TemporaryDirectory() as results:
+        env = dict(os.environ, APT_COURSE_RESULTS=results, APT_COURSE_QUIET="1")
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "apt_course", "run", chapter, "--seed", str(seed),
+                               "--out", str(ROOT / "runs" / f"seed{seed}")], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+        seconds = time.perf_counter() - start
+        records = [json.loads(p.read_text()) for p in Path(results).glob("*.json")]
+    status = "ok" if proc.returncode == 0 else "FAILED: " + (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
+    record = records[0] if records else {"chapter": chapter, "metrics": {}}
+    return {"chapter": record["chapter"], "seed": seed, "seconds": round(seconds, 1), "status": status,
+            "metrics": record.get("metrics", {})}
+
+
+def merge(old: list[dict], new: list[dict]) -> list[dict]:
+    swept = {(r["chapter"], r["seed"]) for r in new}
+    return sorted([r for r in old if (r["chapter"], r["seed"]) not in swept] + new,
+                  key=lambda r: (r["chapter"], r["seed"]))
+
+
+def markdown(rows: list[dict]) -> str:
+    """A table per chapter: a column per seed, then min and max."""
+    out = ["# Seed sweep", "", "Written by `python benchmarks/seed_sweep.py` (2-core CPU; one notebook per process).", ""]
+    for chapter in sorted({r["chapter"] for r in rows}):
+        runs = [r for r in rows if r["chapter"] == chapter]
+        seeds = [r["seed"] for r in runs]
+        out += [f"## {chapter}", "", "| metric | " + " | ".join(f"seed {s}" for s in seeds) + " | min | max |",
+                "|---|" + "---|" * (len(seeds) + 2)]
+        names = sorted({k for r in runs for k in r["metrics"]})
+        for name in names + ["seconds"]:
+            values = [r["seconds"] if name == "seconds" else r["metrics"].get(name) for r in runs]
+            have = [v for v in values if v is not None]
+            cells = ["—" if v is None else f"{v:.4g}" for v in values]
+            lo, hi = (f"{min(have):.4g}", f"{max(have):.4g}") if have else ("—", "—")
+            out.append(f"| {name} | " + " | ".join(cells) + f" | {lo} | {hi} |")
+        failed = [f"seed {r['seed']}: {r['status']}" for r in runs if r["status"] != "ok"]
+        out += ([""] + [f"- {f}" for f in failed] if failed else []) + [""]
+    return "\n".join(out)
+
+
+def readme_table(rows: list[dict]) -> str:
+    lines = ["| # | notebook | teaches | measured (tiny profile; range over the seeds swept) | seeds | seconds |",
+             "|---|---|---|---|---|---|"]
+    for chapter, (teaches, heads) in HEADLINES.items():
+        runs = [r for r in rows if r["chapter"] == chapter and r["status"] == "ok"]
+        parts = []
+        for label, metric, fmt in heads:
+            values = [r["metrics"][metric] for r in runs if metric in r["metrics"]]
+            if values:
+                lo, hi = format(min(values), fmt), format(max(values), fmt)
+                parts.append(f"{label} {lo}" + (f"–{hi}" if hi != lo else ""))
+        seeds = ", ".join(str(r["seed"]) for r in runs) or "not swept yet"
+        secs = f"{min(r['seconds'] for r in runs):.0f}–{max(r['seconds'] for r in runs):.0f}" if runs else "—"
+        lines.append(f"| {chapter[2:4]} | `{chapter}` | {teaches} | {'; '.join(parts) or '—'} | {seeds} | {secs} |")
+    return "\n".join(lines)
+
+
+def write_readme(rows: list[dict]) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"README.md has no {start} ... {end} block to fill")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    tmp = readme.with_suffix(".md.tmp")
+    tmp.write_text(head + start + "\n" + readme_table(rows) + "\n" + end + tail)
+    tmp.replace(readme)  # atomic: a reader never sees half a README
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("chapters", nargs="*", help="notebook prefixes (ch04 ch08); default: all")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("-j", "--jobs", type=int, default=1, help="notebooks at a time (2 on a 2-core CPU)")
+    parser.add_argument("--timeout", type=int, default=1200)
+    parser.add_argument("--readme", action="store_true", help="only regenerate README's table from the sweep file")
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    store = OUT / "seed_sweep.json"
+    rows = json.loads(store.read_text()) if store.exists() else []
+    if not args.readme:
+        from apt_course.runner import find_notebooks
+
+        jobs = [(p.stem, s) for p in find_notebooks(args.chapters or None) for s in args.seeds]
+        new = []
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for r in pool.map(lambda job: run_one(*job, args.timeout), jobs):
+                shown = "  ".join(f"{k}={v:.3g}" for k, v in r["metrics"].items())
+                print(f"{r['chapter']:<22} seed {r['seed']}  {r['seconds']:6.1f} s  {r['status']}  {shown}", flush=True)
+                new.append(r)
+        rows = merge(rows, new)
+        tmp = store.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows, indent=1) + "\n")
+        tmp.replace(store)
+        (OUT / "seed_sweep.md").write_text(markdown(rows) + "\n")
+        print(f"wrote {store} and {OUT / 'seed_sweep.md'}")
+    if (ROOT / "README.md").read_text().count("<!-- results:start -->"):
+        write_readme(rows)
+        print("README.md results table regenerated")
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
