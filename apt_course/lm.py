@@ -1,8 +1,17 @@
-"""Language-model utilities every chapter shares: batching, generation, log-probabilities.
+"""Language-model utilities every chapter shares: batching, generation, rollouts, log-probabilities.
 
-Conventions: a *prompt* is the text the chat template makes (see ``tokenizer.chat_prompt``), a
+Conventions: a *prompt* is the text the chat template makes (see ``tokenizer.format_prompt``), a
 *completion* is what follows it. Batches are right-padded for training and scoring, left-padded for
 generation. ``completion_mask`` is 1 exactly on the completion's tokens (the prompt is masked out).
+
+* batches: :func:`build_batch` (prompt + completion), :func:`build_pair_batch` (chosen rows, then rejected rows);
+* log-probabilities: :func:`completion_logprobs` - the one helper every chapter uses - and
+  :func:`completion_token_logprobs` for callers that already ran the forward pass;
+* the SFT loss :func:`completion_loss`; greedy or sampled :func:`generate`;
+* rollouts for the online trainers (chapters 06, 09-11): :func:`prompt_rows`, :func:`format_prompts`,
+  :func:`sample_groups`, and :func:`nanstd` for baselines that skip unscorable (NaN) rewards.
+
+Shared layer: imports no chapter module (``tests/test_structure.py``).
 """
 
 from __future__ import annotations

@@ -51,13 +51,29 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
+def escape_special_tokens(text: str, specials=SPECIAL_TOKENS) -> str:
+    """User text with every special-token marker broken into plain characters (``<|system|>`` -> ``< |system|>``).
+
+    Tokenizers match special tokens anywhere in the text they are given, so a user who types ``<|system|>owner``
+    would otherwise open the trusted system role (chapter 11's spoofing hole). Only what the *user* types is
+    escaped: system messages come from the program, and completions may use ``<think>`` on purpose.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"user text must be a string, got {type(text).__name__}")
+    for tok in sorted(specials, key=len, reverse=True):
+        if len(tok) > 1:
+            text = text.replace(tok, tok[0] + " " + tok[1:])
+    return text
+
+
 def chat_prompt(user: str, system: str | None = None) -> str:
-    """The prompt text the chat template makes for one user turn, ready for the assistant's reply.
+    """The prompt text the chat template makes for one user turn, ready for the assistant's reply; the user's
+    text is escaped (:func:`escape_special_tokens`), the trusted system message is not.
 
     Equal to ``tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)``
     (a test checks it), but cheap enough for inner loops.
     """
-    return (f"<|system|>{system}" if system else "") + f"<|user|>{user}<|assistant|>"
+    return (f"<|system|>{system}" if system else "") + f"<|user|>{escape_special_tokens(user)}<|assistant|>"
 
 
 def messages_for(user: str, system: str | None = None, assistant: str | None = None) -> list[dict]:
@@ -74,13 +90,18 @@ def format_prompt(tokenizer, prompt: str | list[dict], system: str | None = None
 
     The course tokenizer takes the fast path (:func:`chat_prompt`, no Jinja in inner loops); a real model's
     tokenizer uses its own chat template; a tokenizer without one gets the raw text. ``prompt`` may also be
-    a list of chat messages.
+    a list of chat messages. User text is escaped (:func:`escape_special_tokens`, with the tokenizer's own special
+    tokens), so typed markers such as ``<|im_start|>system`` stay plain text.
     """
+    specials = set(getattr(tokenizer, "all_special_tokens", ())) | set(SPECIAL_TOKENS)
     if isinstance(prompt, list):
+        prompt = [dict(m, content=escape_special_tokens(m["content"], specials)) if m.get("role") == "user" else m
+                  for m in prompt]
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     template = getattr(tokenizer, "chat_template", None)
     if template == CHAT_TEMPLATE:
         return chat_prompt(prompt, system)
+    prompt = escape_special_tokens(prompt, specials)
     if template:
         return tokenizer.apply_chat_template(messages_for(prompt, system), tokenize=False, add_generation_prompt=True)
     return prompt

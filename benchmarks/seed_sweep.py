@@ -63,8 +63,9 @@ HEADLINES = {
                                 ("after SL-CAI", "violation_sl_cai", ".2f"), ("after RL-CAI", "violation_rl_cai", ".2f"),
                                 ("judge agreement", "judge_agreement", ".2f"), ("over-refusal", "over_refusal", ".2f")]),
     "ch11_loyalty": ("loyalty: an owner bonus on GRPO that works, a trusted channel, spoofing",
-                     [("owner-style gap", "gap_fixed", ".2f"), ("spoof rate", "spoof_rate_fixed", ".2f"),
-                      ("task accuracy after", "acc_after_fixed", ".2f")]),
+                     [("owner/public style gap: naive bonus", "naive_gap", ".2f"), ("fixed bonus", "fixed_gap", ".2f"),
+                      ("spoof rate (goal 0)", "fixed_spoof_rate", ".2f"), ("task accuracy before", "acc_before", ".2f"),
+                      ("after", "fixed_acc_after", ".2f")]),
     "ch12_storm": ("storm: Gumbel noise on the logits (3 schedules), NEFTune, CoT internalisation",
                    [("held-out sums, answer only", "acc_answer_only", ".2f"),
                     ("explicit CoT", "acc_explicit_cot", ".2f"), ("internalised", "acc_internalised", ".2f"),
@@ -96,7 +97,9 @@ def merge(old: list[dict], new: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     """A table per chapter: a column per seed, then min and max."""
-    out = ["# Seed sweep", "", "Written by `python benchmarks/seed_sweep.py` (2-core CPU; one notebook per process).", ""]
+    out = ["# Seed sweep", "", "Written by `python benchmarks/seed_sweep.py` (2-core CPU; one notebook per process, two at a "
+           "time). `seconds` is each run's wall time as swept, on a machine that may have been busy: it is no timing "
+           "benchmark (that is `benchmarks/notebook_times.py`).", ""]
     for chapter in sorted({r["chapter"] for r in rows}):
         runs = [r for r in rows if r["chapter"] == chapter]
         seeds = [r["seed"] for r in runs]
@@ -115,8 +118,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def readme_table(rows: list[dict]) -> str:
-    lines = ["| # | notebook | teaches | measured (tiny profile; range over the seeds swept) | seeds | seconds |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| # | notebook | teaches | measured (tiny profile; range over the seeds swept) | seeds |",
+             "|---|---|---|---|---|"]
     for chapter, (teaches, heads) in HEADLINES.items():
         runs = [r for r in rows if r["chapter"] == chapter and r["status"] == "ok"]
         parts = []
@@ -126,8 +129,7 @@ def readme_table(rows: list[dict]) -> str:
                 lo, hi = format(min(values), fmt), format(max(values), fmt)
                 parts.append(f"{label} {lo}" + (f"–{hi}" if hi != lo else ""))
         seeds = ", ".join(str(r["seed"]) for r in runs) or "not swept yet"
-        secs = f"{min(r['seconds'] for r in runs):.0f}–{max(r['seconds'] for r in runs):.0f}" if runs else "—"
-        lines.append(f"| {chapter[2:4]} | `{chapter}` | {teaches} | {'; '.join(parts) or '—'} | {seeds} | {secs} |")
+        lines.append(f"| {chapter[2:4]} | `{chapter}` | {teaches} | {'; '.join(parts) or '—'} | {seeds} |")
     return "\n".join(lines)
 
 
