@@ -34,7 +34,7 @@ HEADLINES = {
                         [("held-out loss after the notebook's pretraining", "loss_after", ".2f"),
                          ("shipped base: held-out facts completed", "fact_acc_shipped_base", ".2f")]),
     "ch01_mdp": ("MDPs, Bellman equations, value and policy iteration",
-                 [("max |V* - exact solution|", "max_abs_diff", ".0e")]),
+                 [("largest error of V* against the exact solution", "max_abs_diff", ".0e")]),
     "ch02_reinforce": ("policy gradients, returns-to-go, baselines, variance",
                        [("CartPole return after training", "return_trained", ".0f"),
                         ("gradient-variance cut by the baseline", "variance_ratio", ".1f")]),
