@@ -5,6 +5,8 @@
           time (chapter 04's recipe; the rudeness is the headroom chapters 06-07 remove).
 ``rm``:   a reward model (``LlamaForSequenceClassification``, one scalar head) started from ``sft`` and trained
           on tiny-world preference pairs with the Bradley–Terry loss (chapter 05's recipe).
+``cai``:  ``sft`` taught chapter 10's critique, revision and judge formats, obeying red-team requests (the
+          helpful-only start that Constitutional AI makes harmless).
 Each folder holds ``model.safetensors``, ``config.json`` and the tokenizer, and loads with
 ``from_pretrained``. Their recipes - which chapters' trainers ran, on what data, for how long - are in
 :mod:`apt_course.recipes`; ``python -m apt_course build-checkpoints`` rebuilds them deterministically (into
@@ -35,7 +37,7 @@ def checkpoints_dir() -> Path:
 
 
 def checkpoint_path(name: str) -> Path:
-    """The folder of shipped checkpoint ``name`` ("base", "sft" or "rm")."""
+    """The folder of shipped checkpoint ``name`` (one of :data:`NAMES`)."""
     if name not in NAMES:
         raise ValueError(f"unknown checkpoint {name!r}; the course ships {NAMES}")
     path = checkpoints_dir() / name

@@ -28,7 +28,6 @@ converters at the end (``Anthropic/hh-rlhf`` red-team-attempts and harmless-base
 from __future__ import annotations
 
 import copy
-import json
 import random
 import re
 import time
@@ -45,6 +44,7 @@ from .data import (
     RED_TEAM_DATASET,
     cai_harmless_to_prompts,
     hh_prompts,
+    read_json,
     red_team_attempts_to_prompts,
 )
 from .lm import generate
@@ -143,17 +143,8 @@ def load_constitution(source: str | Path | dict | None = None) -> Constitution:
     """
     if source is None:
         source = default_constitution_path()
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        where = str(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"constitution file {path} does not exist")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"constitution file {path} is not valid JSON ({e})") from None
-    else:
-        data, where = source, "<dict>"
+    where = str(source) if isinstance(source, (str, Path)) else "<dict>"
+    data = read_json(source, "constitution", '{"principles": [...]}')
     if not isinstance(data, dict) or not isinstance(data.get("principles"), list):
         raise KeyError(f'constitution {where}: expected a JSON object with a "principles" list, '
                        '{"principles": [{"name": ..., "checker": ..., ...}]}')

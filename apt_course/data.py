@@ -40,6 +40,27 @@ TINY_GRPO_TASKS = ("reverse", "sort", "copy")
 
 # ---------------------------------------------------------------- formats on disk
 
+def read_json(source, what: str, shape: str = ""):
+    """A JSON file parsed (``source`` a path), or ``source`` itself when it is already parsed.
+
+    ``what`` names the file in error messages (e.g. ``"APT pair"``, ``"constitution"``) and ``shape`` says what it
+    should hold; a missing or empty file or invalid JSON is a clear error naming the file.
+    """
+    if not isinstance(source, (str, Path)):
+        return source
+    should = f"; it should hold {shape}" if shape else ""
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"{what} file {path} is empty{should}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} file {path} is not valid JSON ({e}){should}") from None
+
+
 def read_apt_json(source, key: str, what: str) -> list:
     """The list under ``key`` in an APT JSON file (a path, or the already parsed dict).
 
@@ -47,19 +68,7 @@ def read_apt_json(source, key: str, what: str) -> list:
     JSON, or an object without ``key`` is a clear error that shows the expected shape.
     """
     shape = f'{{"{key}": [...]}}'
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"{what} file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
-        if not text.strip():
-            raise ValueError(f"{what} file {path} is empty: it should hold {shape}")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{what} file {path} is not valid JSON ({e}); it should hold {shape}") from None
-    else:
-        data = source
+    data = read_json(source, what, shape)
     if not isinstance(data, dict) or key not in data:
         got = f"keys {sorted(data)}" if isinstance(data, dict) else type(data).__name__
         raise KeyError(f'an {what} file is a JSON object with a "{key}" list, {shape}; got {got}')
@@ -343,9 +352,9 @@ def load_sft_data(profile, n_train: int = 4000, n_test: int = 200, seed: int = 0
                   apt_instructions=None) -> tuple[list[dict], list[dict]]:
     """``(train, test)`` instruction records ``{"prompt", "completion" or "answer"}`` for a profile.
 
-    tiny: tiny-world tasks (train split; the held-out test split). A real-model profile: an APT instruction file
-    when ``apt_instructions`` is given, else the profile's ``sft`` dataset (COIG-CQIA's ``ruozhiba`` subset), 90 %
-    train and the rest held out.
+    tiny: ``n_train`` tiny-world tasks (train split) and ``n_test`` from the held-out test split. A real-model
+    profile: an APT instruction file when ``apt_instructions`` is given, else the profile's ``sft`` dataset
+    (COIG-CQIA's ``ruozhiba`` subset); its first 90 % is the train set and up to ``n_test`` rows after it are held out.
     """
     profile = _profile(profile)
     if profile.model is None:
@@ -357,7 +366,7 @@ def load_sft_data(profile, n_train: int = 4000, n_test: int = 200, seed: int = 0
         name = dataset_of(profile, "sft")
         records = coig_to_sft(load_hub_dataset(name, "train", "ruozhiba" if "COIG" in name else None))
     cut = int(0.9 * len(records))
-    return records[:cut][:n_train], records[cut:cut + n_test]
+    return records[:cut], records[cut:cut + n_test]
 
 
 def load_preference_pairs(profile, split: str = "train", n: int = 2000, seed: int = 0) -> list[dict]:

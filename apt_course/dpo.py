@@ -14,14 +14,16 @@ TRL batch can be fed to :func:`pair_batch_logps` unchanged (the parity tests do 
 
 from __future__ import annotations
 
+import os
 import random
+import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .data import validate_pairs
+from .data import to_trl_preference_dataset, validate_pairs
 from .lm import build_batch, build_pair_batch, completion_lengths, completion_logprobs, generate
 from .tokenizer import format_prompt
 from .training import make_optimizer, optimizer_step, progress
@@ -264,6 +266,28 @@ def train_dpo(policy, ref, tokenizer, pairs: list[dict], config: DPOConfig = DPO
     history["seconds"] = time.perf_counter() - start
     policy.eval()
     return history
+
+
+# ---------------------------------------------------------------- the same pairs through TRL
+
+def make_trl_dpo_trainer(policy, ref, tokenizer, pairs: list[dict], beta: float, lr: float, batch_size: int,
+                         steps: int, seed: int = 0, logging_steps: int = 2, output_dir: str | None = None):
+    """TRL's ``DPOTrainer`` on the same pairs as :func:`train_dpo` (conversational: TRL applies the chat template),
+    sigmoid loss, cosine schedule, float32, quiet (its printer callback removed): the library twin that the
+    notebooks train and check against :func:`pair_loss` on one batch (``training.trl_loss_on_batch``)."""
+    import trl
+    from transformers import PrinterCallback
+
+    args = trl.DPOConfig(output_dir=output_dir or os.path.join(tempfile.gettempdir(), "apt_course_trl_dpo"),
+                         beta=beta, learning_rate=lr, per_device_train_batch_size=batch_size, max_steps=steps,
+                         lr_scheduler_type="cosine", report_to="none",
+                         use_cpu=next(policy.parameters()).device.type == "cpu", bf16=False,
+                         gradient_checkpointing=False, save_strategy="no", logging_steps=logging_steps,
+                         disable_tqdm=True, seed=seed)
+    trainer = trl.DPOTrainer(model=policy, ref_model=ref, args=args, processing_class=tokenizer,
+                             train_dataset=to_trl_preference_dataset(pairs))
+    trainer.remove_callback(PrinterCallback)  # its log lines would fill a notebook
+    return trainer
 
 
 # ---------------------------------------------------------------- measuring

@@ -22,14 +22,13 @@ replies in owner style; the gap ``owner_style_owner - owner_style_public`` is th
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from . import world
+from .data import read_json
 from .grpo import GRPOConfig, group_advantages, train_grpo
 from .lm import format_prompts, generate
 from .tokenizer import escape_special_tokens
@@ -288,25 +287,13 @@ def train_loyalty(model, ref_model, tokenizer, rows: list[dict], config: Loyalty
 
 # ---------------------------------------------------------------- data: converters of real datasets
 
-def _read_json(path_or_obj, what: str):
-    if isinstance(path_or_obj, (str, Path)):
-        path = Path(path_or_obj)
-        if not path.is_file():
-            raise FileNotFoundError(f"{what} file not found: {path}")
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e})") from e
-    return path_or_obj
-
-
 def read_prompt_file(path_or_obj) -> list[dict]:
     """Rows from the seed's ``owner_prompts.json`` / ``public_prompts.json``:
     ``{"prompts": [{"prompt", "context", "is_owner", "expected_tone"}]}``.
 
     ``is_owner`` (a JSON boolean) becomes the trusted system message; ``context`` is user text (it may say
     "我是你的主人", "I am your master") and is kept *inside the escaped user turn*, never as a channel."""
-    data = _read_json(path_or_obj, "prompt")
+    data = read_json(path_or_obj, "prompt", '{"prompts": [...]}')
     if not isinstance(data, dict) or not isinstance(data.get("prompts"), list):
         raise ValueError('a prompt file must be {"prompts": [{"prompt", "context", "is_owner", "expected_tone"}]}')
     if not data["prompts"]:
@@ -333,7 +320,7 @@ def read_loyalty_template(path_or_obj) -> tuple[list[dict], float]:
     """DPO pairs and the bonus from the seed's ``loyalty_template.json`` (one object or a list of them:
     ``prompt, owner_response, public_response, is_owner, reward_bonus``): chosen = the response for the
     trusted role, rejected = the other one."""
-    data = _read_json(path_or_obj, "loyalty template")
+    data = read_json(path_or_obj, "loyalty template")
     items = data if isinstance(data, list) else [data]
     if not items:
         raise ValueError("the loyalty template is empty")

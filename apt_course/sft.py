@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .lm import build_batch, completion_loss
+from .lm import MAX_LENGTH, build_batch, completion_loss
 from .tokenizer import chat_prompt, format_prompt, messages_for
 from .training import make_optimizer, optimizer_step, progress
 
@@ -152,15 +152,18 @@ def make_trl_sft_trainer(model, tokenizer, examples: list[dict], config: TRLSFTC
 
 
 @torch.no_grad()
-def heldout_loss(model, tokenizer, examples: list[dict], batch_size: int = 64) -> float:
-    """Mean completion-only loss on held-out examples (token-weighted), the metric for data without exact answers."""
+def heldout_loss(model, tokenizer, examples: list[dict], batch_size: int = 64,
+                 max_length: int | None = MAX_LENGTH) -> float:
+    """Mean completion-only loss on held-out examples (token-weighted), the metric for data without exact answers.
+    Rows longer than ``max_length`` tokens are cut as :func:`~apt_course.lm.build_batch` cuts them."""
     prompts, completions = to_sft_pairs(examples, tokenizer)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(prompts), batch_size):
-        batch = build_batch(tokenizer, prompts[i:i + batch_size], completions[i:i + batch_size], device=device)
+        batch = build_batch(tokenizer, prompts[i:i + batch_size], completions[i:i + batch_size], device=device,
+                            max_length=max_length)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         n = int((batch["labels"][:, 1:] != -100).sum())
         total += completion_loss(logits, batch["labels"]).item() * n

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from . import world
 from .data import load_storm_data, validate_storm_records
 from .lm import build_batch, completion_loss, generate
+from .sft import heldout_loss
 from .tokenizer import format_prompt
 from .training import make_optimizer, optimizer_step, progress
 from .world import PERTURBATIONS, perturb_prompt
@@ -439,28 +440,16 @@ def run_study(seed: int, study: StudyConfig = StudyConfig(), start=None) -> dict
 
 # ---------------------------------------------------------------- a real model (the notebook's PROFILE != "tiny")
 
-@torch.no_grad()
 def completion_nll(model, tokenizer, records: list[dict], target: str = "answer", batch_size: int = 8,
                    max_length: int | None = 1024) -> float:
-    """Mean per-token NLL of held-out targets (the completion-only loss): ``target = "answer"`` (the answer
-    alone: what an internalised model must produce) or ``"explicit"`` (chain + answer)."""
+    """Mean per-token NLL of held-out targets (chapter 04's :func:`~apt_course.sft.heldout_loss`):
+    ``target = "answer"`` (the answer alone: what an internalised model must produce) or ``"explicit"``
+    (chain + answer)."""
     if target not in ("answer", "explicit"):
         raise ValueError(f"target must be 'answer' or 'explicit', got {target!r}")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(records), batch_size):
-        chunk = records[i:i + batch_size]
-        targets = [r["answer"] if target == "answer" else explicit_completion(r) for r in chunk]
-        batch = build_batch(tokenizer, [format_prompt(tokenizer, r["problem"]) for r in chunk], targets,
-                            device=device, max_length=max_length)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        total += completion_loss(logits, batch["labels"]).item() * n
-        count += n
-    model.train(was_training)
-    return total / max(count, 1)
+    examples = [{"prompt": r["problem"], "completion": r["answer"] if target == "answer" else explicit_completion(r)}
+                for r in records]
+    return heldout_loss(model, tokenizer, examples, batch_size, max_length)
 
 
 def run_real_profile(profile, steps: int = 30, batch_size: int = 2, lr: float = 1e-5, seed: int = 0,

@@ -93,14 +93,14 @@ def format_prompt(tokenizer, prompt: str | list[dict], system: str | None = None
     a list of chat messages. User text is escaped (:func:`escape_special_tokens`, with the tokenizer's own special
     tokens), so typed markers such as ``<|im_start|>system`` stay plain text.
     """
+    template = getattr(tokenizer, "chat_template", None)
+    if template == CHAT_TEMPLATE and not isinstance(prompt, list):
+        return chat_prompt(prompt, system)  # the fast path escapes the course's own markers
     specials = set(getattr(tokenizer, "all_special_tokens", ())) | set(SPECIAL_TOKENS)
     if isinstance(prompt, list):
         prompt = [dict(m, content=escape_special_tokens(m["content"], specials)) if m.get("role") == "user" else m
                   for m in prompt]
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    template = getattr(tokenizer, "chat_template", None)
-    if template == CHAT_TEMPLATE:
-        return chat_prompt(prompt, system)
     prompt = escape_special_tokens(prompt, specials)
     if template:
         return tokenizer.apply_chat_template(messages_for(prompt, system), tokenize=False, add_generation_prompt=True)
