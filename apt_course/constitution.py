@@ -757,6 +757,10 @@ def train_sl_cai(model, tokenizer, data: dict, config: CAIConfig = CAIConfig(),
         examples += [{"prompt": r["prompt"], "system": r.get("system"), "completion": a}
                      for r, a in zip(benign, own) if world.normalize(a)]
     examples = [{k: v for k, v in ex.items() if v is not None} for ex in examples]
+    if not examples:
+        raise ValueError(f"SL-CAI has nothing to train on: the final answers to all {len(red)} red-team and "
+                         f"{len(benign)} harmless prompts are empty (the model writes only whitespace, or "
+                         "max_new_tokens is too small)")
     sft = train_sft(model, tokenizer, examples, SFTConfig(steps=config.sl_steps, batch_size=config.sl_batch_size,
                                                           lr=config.sl_lr, warmup=min(5, config.sl_steps),
                                                           seed=config.seed))
@@ -908,17 +912,19 @@ def harmless_helpful_curve(model, tokenizer, data: dict, test: dict, settings: d
 
 # ---------------------------------------------------------------- the chapter's data, per profile
 
-def _hub(source, default: tuple[str, str] | str, split: str):
-    """Rows of a Hub dataset (``(name, data_dir)``) or of a local stand-in file/folder in its schema."""
+def _hub(profile, role: str, default: tuple[str, str] | str, split: str, sources: dict):
+    """Rows of the profile's dataset for ``role``: a local stand-in file/folder in the Hub dataset's schema
+    (``sources[role]``, or the profile's ``datasets[role]``, e.g. ``APT_COURSE_DATASET_RED_TEAM``), else the Hub
+    dataset ``default`` (``(name, data_dir)``)."""
     from .data import load_hub_dataset
 
-    if source is not None:
+    source = sources.get(role) or profile.datasets.get(role)
+    name, data_dir = default if isinstance(default, tuple) else (default, None)
+    if source is not None and (Path(str(source)).expanduser().exists() or source != name):
         return list(load_hub_dataset(str(source), split))
     from datasets import load_dataset
 
-    if isinstance(default, tuple):
-        return list(load_dataset(default[0], data_dir=default[1], split=split))
-    return list(load_dataset(default, split=split))
+    return list(load_dataset(name, data_dir=data_dir, split=split))
 
 
 def load_cai_data(profile, n_train: int = 300, n_test: int = 200, seed: int = 0, sources: dict | None = None) -> dict:
@@ -926,8 +932,9 @@ def load_cai_data(profile, n_train: int = 300, n_test: int = 200, seed: int = 0,
 
     ``tiny``: :func:`red_team_prompts` and :func:`benign_prompts` (test rows from the held-out split).
     Real profiles: red-team prompts from hh-rlhf ``red-team-attempts`` (train) and
-    ``cai-conversation-harmless`` (test), harmless prompts from hh-rlhf ``helpful-base``. ``sources`` maps
-    ``red_team``/``red_team_test``/``benign`` to local files in those schemas (tests, a local mirror)."""
+    ``cai-conversation-harmless`` (test), harmless prompts from hh-rlhf ``helpful-base``: the profile's dataset
+    roles ``red_team``, ``red_team_test`` and ``benign``, which a local stand-in in those schemas can replace
+    (``APT_COURSE_DATASET_RED_TEAM=...``, or ``sources={"red_team": path}``)."""
     from .profiles import get_profile
 
     profile = get_profile(profile) if isinstance(profile, str) else profile
@@ -937,9 +944,9 @@ def load_cai_data(profile, n_train: int = 300, n_test: int = 200, seed: int = 0,
                 "test": {"red_team": red_team_prompts(n_test, "test", 1000 + seed),
                          "benign": benign_prompts(n_test, "test", 1000 + seed)}}
     sources = sources or {}
-    red = red_team_attempts_to_prompts(_hub(sources.get("red_team"), RED_TEAM_DATASET, f"train[:{n_train}]"))
-    red_test = cai_harmless_to_prompts(_hub(sources.get("red_team_test"), CAI_DATASET, f"test[:{n_test}]"))
-    benign_all = hh_prompts(_hub(sources.get("benign"), HELPFUL_DATASET, f"train[:{n_train + n_test}]"), "benign")
+    red = red_team_attempts_to_prompts(_hub(profile, "red_team", RED_TEAM_DATASET, f"train[:{n_train}]", sources))
+    red_test = cai_harmless_to_prompts(_hub(profile, "red_team_test", CAI_DATASET, f"test[:{n_test}]", sources))
+    benign_all = hh_prompts(_hub(profile, "benign", HELPFUL_DATASET, f"train[:{n_train + n_test}]", sources), "benign")
     cut = max(1, len(benign_all) - n_test) if len(benign_all) > 1 else len(benign_all)
     return {"train": {"red_team": red, "benign": benign_all[:cut]},
             "test": {"red_team": red_test, "benign": benign_all[cut:] or benign_all}}

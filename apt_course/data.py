@@ -339,6 +339,12 @@ def _profile(profile):
     return get_profile(profile) if isinstance(profile, str) else profile
 
 
+def english_world(profile, role: str) -> bool:
+    """True for a real model with no dataset for ``role`` (the ``smol`` profile): the chapter runs the tiny
+    world's task in English instead (:func:`~apt_course.world.english_sums`), which needs no download."""
+    return profile.model is not None and not profile.datasets.get(role)
+
+
 def dataset_of(profile, role: str) -> str:
     """The Hub id (or local stand-in) a real-model profile names for ``role``, or a clear error."""
     if role not in profile.datasets:
@@ -355,6 +361,7 @@ def load_sft_data(profile, n_train: int = 4000, n_test: int = 200, seed: int = 0
     tiny: ``n_train`` tiny-world tasks (train split) and ``n_test`` from the held-out test split. A real-model
     profile: an APT instruction file when ``apt_instructions`` is given, else the profile's ``sft`` dataset
     (COIG-CQIA's ``ruozhiba`` subset); its first 90 % is the train set and up to ``n_test`` rows after it are held out.
+    ``smol`` (no ``sft`` dataset): :func:`~apt_course.world.english_sums` asking for the number only.
     """
     profile = _profile(profile)
     if profile.model is None:
@@ -362,6 +369,8 @@ def load_sft_data(profile, n_train: int = 4000, n_test: int = 200, seed: int = 0
                 world.instruction_examples(n_test, "test", seed=seed + 1000, tasks=tasks))
     if apt_instructions:
         records = load_apt_instructions(apt_instructions)
+    elif english_world(profile, "sft"):
+        return world.english_sums("train", seed=seed)[:n_train], world.english_sums("test", seed=seed + 1000)[:n_test]
     else:
         name = dataset_of(profile, "sft")
         records = coig_to_sft(load_hub_dataset(name, "train", "ruozhiba" if "COIG" in name else None))
@@ -372,10 +381,13 @@ def load_sft_data(profile, n_train: int = 4000, n_test: int = 200, seed: int = 0
 def load_preference_pairs(profile, split: str = "train", n: int = 2000, seed: int = 0) -> list[dict]:
     """Pairs for a profile: the tiny world's (``tiny``), or the first ``n`` rows of the profile's preference
     dataset from the Hub (``gpu``: hh-rlhf, or UltraFeedback when its id mentions it), converted by
-    :func:`hh_rlhf_to_pairs` / :func:`ultrafeedback_to_pairs` (prompts with several turns come as chat-message lists)."""
+    :func:`hh_rlhf_to_pairs` / :func:`ultrafeedback_to_pairs` (prompts with several turns come as chat-message lists);
+    ``smol`` (no ``preference`` dataset): :func:`~apt_course.world.english_sum_pairs`, the bare sum over rambling."""
     profile = _profile(profile)
     if profile.model is None:
         return world.preference_pairs(n, split, seed)
+    if english_world(profile, "preference"):
+        return world.english_sum_pairs(split, seed)[:n]
     name = dataset_of(profile, "preference")
     hf_split = {"train": "train_prefs", "test": "test_prefs"}[split] if "ultrafeedback" in name else split
     rows = load_hub_dataset(name, f"{hf_split}[:{n}]")
@@ -417,7 +429,8 @@ def load_grpo_data(profile, n_train: int = 2000, n_test: int = 200, seed: int = 
     (weight 0.1); ``"sft"`` holds :func:`~apt_course.world.chatty_demonstrations` of the train problems, the chapter's
     deliberately sloppy starting point. gpu: GSM8K (the profile's ``math`` dataset) through
     :func:`gsm8k_to_rows`, scored by the numeric checker; ``"sft"`` is None (the real
-    model is already instruction-tuned). Returns ``{"train", "test", "sft", "reward_fns", "reward_weights",
+    model is already instruction-tuned); ``smol`` (no ``math`` dataset): :func:`~apt_course.world.english_sums`, scored
+    by the same numeric checker. Returns ``{"train", "test", "sft", "reward_fns", "reward_weights",
     "checker", "max_new_tokens"}``; ``checker(row, completion) -> bool`` grades greedy answers.
     """
     profile = _profile(profile)
@@ -428,6 +441,12 @@ def load_grpo_data(profile, n_train: int = 2000, n_test: int = 200, seed: int = 
                 "reward_fns": [correctness_reward, format_reward], "reward_weights": [1.0, 0.1],
                 "checker": lambda row, c: correctness_reward(None, [c], [row["answer"]])[0] == 1.0,
                 "max_new_tokens": world.MAX_LEN}
+    if english_world(profile, "math"):  # reward: the reply's last number is the sum (reachable from the start)
+        return {"train": world.english_sums("train", seed=seed)[:n_train],
+                "test": world.english_sums("test", seed=seed)[:n_test], "sft": None,
+                "reward_fns": [math_correctness_reward], "reward_weights": [1.0],
+                "checker": lambda row, c: math_correctness_reward(None, [c], [row["answer"]])[0] == 1.0,
+                "max_new_tokens": 8}
     train = gsm8k_to_rows(list(load_hub_dataset(dataset_of(profile, "math"), f"train[:{n_train}]", "main")))
     test = gsm8k_to_rows(list(load_hub_dataset(dataset_of(profile, "math"), f"test[:{n_test}]", "main")))
     return {"train": train, "test": test, "sft": None,

@@ -73,9 +73,10 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
 
 
 def completion_token_logprobs(logits: torch.Tensor, batch: dict[str, torch.Tensor],
-                              temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                              temperature: float = 1.0, everywhere: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logp, mask)``: log π(y_t | x, y_<t) of every completion token from a forward pass's ``logits``, and
     the mask that is 1 exactly on completion tokens. Logits are divided by ``temperature`` (as at sampling).
+    Positions outside the mask are 0, unless ``everywhere`` (ORPO's NLL over the prompt too) scores them all.
 
     Two batch layouts, one answer:
 
@@ -88,8 +89,23 @@ def completion_token_logprobs(logits: torch.Tensor, batch: dict[str, torch.Tenso
     if "prompt_ids" in batch:
         P = batch["prompt_ids"].size(1)
         ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-        return token_logprobs(logits[:, P - 1:] / temperature, ids[:, P - 1:]), batch["completion_mask"]
-    return token_logprobs(logits / temperature, batch["input_ids"]), batch["completion_mask"][:, 1:]
+        mask = batch["completion_mask"]
+        return _masked_token_logprobs(logits[:, P - 1:] / temperature, ids[:, P - 1:], mask, everywhere), mask
+    mask = batch["completion_mask"][:, 1:]
+    return _masked_token_logprobs(logits / temperature, batch["input_ids"], mask, everywhere), mask
+
+
+def _masked_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
+                           everywhere: bool = False) -> torch.Tensor:
+    """:func:`token_logprobs` computed only where ``mask`` (B, T-1) is 1, zero elsewhere: the softmax over the
+    vocabulary is the expensive part, and a real model's prompts are long (log p = z_y - logsumexp(z))."""
+    if everywhere:
+        return token_logprobs(logits, input_ids)
+    keep = mask.bool()
+    out = torch.zeros(keep.shape, dtype=torch.float32, device=logits.device)
+    chosen = logits[:, :-1][keep].float()  # (N, V): the completion positions only
+    out[keep] = chosen.gather(-1, input_ids[:, 1:][keep].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(chosen, -1)
+    return out
 
 
 def batch_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

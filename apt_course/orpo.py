@@ -63,7 +63,7 @@ def orpo_loss(nll: torch.Tensor, avg_c: torch.Tensor, avg_r: torch.Tensor, beta:
 def orpo_batch_loss(model, batch: dict[str, torch.Tensor], beta: float, nll_on_prompt: bool = False):
     """ORPO on a pair batch (chosen rows, then rejected rows): one forward pass for both halves."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    per_token, mask = completion_token_logprobs(logits, batch)
+    per_token, mask = completion_token_logprobs(logits, batch, everywhere=nll_on_prompt)
     mask = mask.float()
     avg = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
     avg_c, avg_r = avg.chunk(2)

@@ -36,7 +36,9 @@ from .model import load_pretrained
 class Profile:
     """name; model: Hub id or local folder (None = the tiny checkpoints); datasets: role -> Hub id;
     reward_model: a trained reward model (Hub id or folder) for online RLHF (chapter 06; None = the tiny RM);
-    scale: multiplier a chapter may apply to its step budgets; max_new_tokens for generation."""
+    scale: multiplier a chapter may apply to its step budgets; max_new_tokens for generation; cpu_threads: torch's
+    CPU threads in the notebooks (raise it on a quiet many-core machine, e.g.
+    ``APT_COURSE_PROFILE_OVERRIDES='{"smol": {"cpu_threads": 8}}'``)."""
 
     name: str
     description: str
@@ -45,6 +47,7 @@ class Profile:
     reward_model: str | None = None
     scale: float = 1.0
     max_new_tokens: int = 16
+    cpu_threads: int = 1
 
 
 SMOL_MODEL = "apt-course:SmolLM2-135M-Instruct"  # resolved by get_profile to the converted folder
@@ -58,6 +61,9 @@ PROFILES = {
         model=SMOL_MODEL,
         scale=1.0,
         max_new_tokens=32,
+        # one thread: measured on 2 cores beside another busy process (CI runs two notebooks at a time), two
+        # threads made evaluation several times slower than one
+        cpu_threads=1,
     ),
     "gpu": Profile(
         "gpu",
@@ -70,6 +76,11 @@ PROFILES = {
             "preference_ultrafeedback": "HuggingFaceH4/ultrafeedback_binarized",
             "math": "openai/gsm8k",
             "reasoning": "simplescaling/s1K-1.1",
+            # chapter 10: red-team prompts (hh-rlhf's red-team-attempts folder), held-out red-team prompts,
+            # harmless requests (hh-rlhf's helpful-base folder)
+            "red_team": "Anthropic/hh-rlhf",
+            "red_team_test": "HuggingFaceH4/cai-conversation-harmless",
+            "benign": "Anthropic/hh-rlhf",
         },
         # a 0.6B Bradley-Terry RM (Qwen3, sequence classification); chapter 06 can use chapter 05's instead
         reward_model="Skywork/Skywork-Reward-V2-Qwen3-0.6B",

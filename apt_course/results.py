@@ -25,12 +25,14 @@ def results_dir() -> Path:
 
 
 class ResultsRecorder:
-    """Times a chapter from creation and writes its metrics to ``results/<chapter>.json``."""
+    """Times a chapter from creation and writes its metrics to ``results/<chapter>.json`` (a run on another
+    profile than ``tiny`` to ``results/<chapter>.<profile>.json``, so it never overwrites the tiny figures)."""
 
-    def __init__(self, chapter: str, directory: str | Path | None = None):
+    def __init__(self, chapter: str, directory: str | Path | None = None, profile: str | None = None):
         if not chapter or any(c in chapter for c in "/\\ "):
             raise ValueError(f"chapter name {chapter!r} must be a non-empty file stem like 'ch00_tiny_world'")
         self.chapter = chapter
+        self.profile = profile
         self.directory = Path(directory) if directory else results_dir()
         self.start = time.perf_counter()
         self.metrics: dict[str, float] = {}
@@ -53,9 +55,15 @@ class ResultsRecorder:
             "metrics": self.metrics,
             "seconds": round(time.perf_counter() - self.start, 2),
         }
+        stem = self.chapter
+        if self.profile not in (None, "tiny"):
+            record["profile"] = self.profile
+            stem += f".{self.profile}"
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"{self.chapter}.json"
-        path.write_text(json.dumps(record, indent=2) + "\n")
+        path = self.directory / f"{stem}.json"
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(path)  # atomic: a reader never sees half a record
         print(f"recorded {len(self.metrics)} metrics in {record['seconds']} s -> {path}")
         return path
 
@@ -78,7 +86,8 @@ def format_report(records: list[dict]) -> str:
     rows = [("chapter", "seconds", "metrics")]
     for r in records:
         metrics = "  ".join(f"{k}={v:.4g}" for k, v in r.get("metrics", {}).items())
-        rows.append((r.get("chapter", "?"), f"{r.get('seconds', float('nan')):.1f}", metrics))
+        name = r.get("chapter", "?") + (f" [{r['profile']}]" if r.get("profile") else "")
+        rows.append((name, f"{r.get('seconds', float('nan')):.1f}", metrics))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     lines = [f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows]

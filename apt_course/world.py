@@ -384,3 +384,47 @@ def heldout_sums(n: int, seed: int = 1000, digits: int = 2) -> list[dict]:
     if len(keep) < n:
         raise ValueError(f"only {len(keep)} held-out sums with a held-out swap among {len(pool)}: ask for fewer")
     return keep[:n]
+
+
+# ---------------------------------------------------------------- English sums: the tiny world's task for a real model
+
+SUM_QUESTION = "What is {a} plus {b}?"
+NUMBER_ONLY = " Answer with the number only."
+SUM_HABIT = "{a} + {b} = {c}"  # how SmolLM2-135M-Instruct answers by habit
+SUM_RAMBLES = ("{a} + {b} = {c}. This is a classic example of addition: we start at {a} and count {b} more.",
+               "To add {a} and {b}, we combine the two numbers. {a} + {b} = {c}, so the answer is {c}.",
+               "Sure! Let me work it out step by step. {a} + {b} = {c}. I hope this helps!")
+
+
+def english_sums(split: str = "train", instruction: str = NUMBER_ONLY, top: int = 20, seed: int = 0) -> list[dict]:
+    """Every ``a + b`` (``0 <= a, b < top``) asked in English, ``"What is 7 plus 12?"`` + ``instruction``, whose
+    plain question lies in ``split`` (:func:`split_of`: train and test never share a question), shuffled by
+    ``seed``. Rows ``{"task": "add_en", "prompt", "answer", "a", "b"}``: the smol profile's task, one the real
+    model gets wrong in format (it answers "7 + 12 = 19", or rambles) and sometimes in substance."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    rows = [{"task": "add_en", "prompt": SUM_QUESTION.format(a=a, b=b) + instruction, "answer": str(a + b),
+             "a": a, "b": b}
+            for a in range(top) for b in range(top) if split_of(SUM_QUESTION.format(a=a, b=b)) == split]
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def english_sum_pairs(split: str = "train", seed: int = 0, top: int = 20) -> list[dict]:
+    """Preference pairs on :func:`english_sums` asked without a format instruction: the bare sum (chosen) over
+    the same sum in the model's habitual ``a + b = c`` or wrapped in an explanation (rejected): concise over
+    rambling, both correct. Rows ``{"kind": "concise", "prompt", "chosen", "rejected", "answer"}``."""
+    rng = random.Random(seed)
+    return [{"kind": "concise", "prompt": r["prompt"], "chosen": r["answer"], "answer": r["answer"],
+             "rejected": rng.choice((SUM_HABIT,) + SUM_RAMBLES).format(a=r["a"], b=r["b"], c=r["answer"])}
+            for r in english_sums(split, "", top, seed)]
+
+
+def is_bare_number(text: str) -> bool:
+    """True when the reply is one number and nothing else (a final full stop allowed)."""
+    return bool(re.fullmatch(r"-?\d+", normalize(text).rstrip(".").strip()))
+
+
+def check_bare_answer(example: dict, completion: str) -> bool:
+    """:func:`check_answer` that allows a final full stop (``"19."``): the smol profile's exact match."""
+    return normalize(completion).rstrip(".").strip() == example["answer"]

@@ -2,6 +2,10 @@
 
     python benchmarks/seed_sweep.py ch04 ch08 --seeds 0 1 2 3 4 -j 2    # two notebooks at a time
     python benchmarks/seed_sweep.py --readme                            # only rewrite README's table
+    python benchmarks/seed_sweep.py ch04 ch07 ch09 --profile smol       # the real SmolLM2 on this CPU
+
+With ``--profile P`` (not tiny) the runs go to ``benchmarks/results/P_sweep.{json,md}`` and the README's table,
+which is the tiny profile's, is left alone.
 
 Each run is ``python -m apt_course run <chapter> --seed S`` in its own process with its own results folder
 (``APT_COURSE_RESULTS``), so two can run side by side. Everything recorded goes to
@@ -70,16 +74,27 @@ HEADLINES = {
                    [("held-out sums, answer only", "acc_answer_only", ".2f"),
                     ("explicit CoT", "acc_explicit_cot", ".2f"), ("internalised", "acc_internalised", ".2f"),
                     ("noise-free", "acc_noise_free", ".2f"), ("storm (cosine)", "acc_storm_cosine", ".2f")]),
+    "ch13_capstone": ("the APT pipeline as tools: prepare, train SFT → DPO → GRPO → loyalty → storm (resumable), launcher",
+                      [("SFT accuracy", "sft_accuracy_after", ".2f"), ("preference accuracy", "dpo_pref_acc_after", ".2f"),
+                       ("verifiable accuracy", "grpo_verifiable_acc_after", ".2f"), ("loyalty gap", "loyalty_gap_after", ".2f"),
+                       ("spoof rate (goal 0)", "loyalty_spoof_rate_after", ".2f"),
+                       ("general accuracy lost since SFT", "general_drop", ".2f")]),
+    "ch14_compression": ("compression: distillation (SFT vs KD vs on-policy KD), int8/4-bit/2-bit PTQ and QAT, pruning",
+                         [("teacher accuracy", "teacher_acc", ".2f"), ("int8", "int8_acc", ".2f"),
+                          ("half-size student: SFT", "sft_student_acc", ".2f"), ("KD", "kd_student_acc", ".2f"),
+                          ("on-policy KD", "gkd_student_acc", ".2f"), ("2-bit PTQ", "ptq2_acc", ".2f"),
+                          ("2-bit QAT", "qat2_acc", ".2f")]),
 }
 
 
-def run_one(chapter: str, seed: int, timeout: int) -> dict:
+def run_one(chapter: str, seed: int, timeout: int, profile: str = "tiny") -> dict:
     """Execute one notebook at one seed in a fresh process; returns its record (or the failure)."""
     with tempfile.TemporaryDirectory() as results:
         env = dict(os.environ, APT_COURSE_RESULTS=results, APT_COURSE_QUIET="1")
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "apt_course", "run", chapter, "--seed", str(seed),
-                               "--out", str(ROOT / "runs" / f"seed{seed}")], env=env, cwd=ROOT,
+                               "--profile", profile, "--out", str(ROOT / "runs" / f"{profile}-seed{seed}")],
+                              env=env, cwd=ROOT,
                               capture_output=True, text=True, timeout=timeout)
         seconds = time.perf_counter() - start
         records = [json.loads(p.read_text()) for p in Path(results).glob("*.json")]
@@ -95,9 +110,11 @@ def merge(old: list[dict], new: list[dict]) -> list[dict]:
                   key=lambda r: (r["chapter"], r["seed"]))
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], profile: str = "tiny") -> str:
     """A table per chapter: a column per seed, then min and max."""
-    out = ["# Seed sweep", "", "Written by `python benchmarks/seed_sweep.py` (2-core CPU; one notebook per process, two at a "
+    title = "# Seed sweep" + ("" if profile == "tiny" else f" on the {profile} profile")
+    command = "`python benchmarks/seed_sweep.py" + ("`" if profile == "tiny" else f" --profile {profile}`")
+    out = [title, "", f"Written by {command} (2-core CPU; one notebook per process, two at a "
            "time). `seconds` is each run's wall time as swept, on a machine that may have been busy: it is no timing "
            "benchmark (that is `benchmarks/notebook_times.py`).", ""]
     for chapter in sorted({r["chapter"] for r in rows}):
@@ -153,9 +170,11 @@ def main() -> int:
     parser.add_argument("-j", "--jobs", type=int, default=1, help="notebooks at a time (2 on a 2-core CPU)")
     parser.add_argument("--timeout", type=int, default=1200)
     parser.add_argument("--readme", action="store_true", help="only regenerate README's table from the sweep file")
+    parser.add_argument("--profile", default="tiny", help="profile to run (default tiny; others go to <profile>_sweep)")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    store = OUT / "seed_sweep.json"
+    tiny = args.profile == "tiny"
+    store = OUT / ("seed_sweep.json" if tiny else f"{args.profile}_sweep.json")
     rows = json.loads(store.read_text()) if store.exists() else []
     if not args.readme:
         from apt_course.runner import find_notebooks
@@ -163,7 +182,7 @@ def main() -> int:
         jobs = [(p.stem, s) for p in find_notebooks(args.chapters or None) for s in args.seeds]
         new = []
         with ThreadPoolExecutor(args.jobs) as pool:
-            for r in pool.map(lambda job: run_one(*job, args.timeout), jobs):
+            for r in pool.map(lambda job: run_one(*job, args.timeout, args.profile), jobs):
                 shown = "  ".join(f"{k}={v:.3g}" for k, v in r["metrics"].items())
                 print(f"{r['chapter']:<22} seed {r['seed']}  {r['seconds']:6.1f} s  {r['status']}  {shown}", flush=True)
                 new.append(r)
@@ -171,9 +190,9 @@ def main() -> int:
         tmp = store.with_suffix(".tmp")
         tmp.write_text(json.dumps(rows, indent=1) + "\n")
         tmp.replace(store)
-        (OUT / "seed_sweep.md").write_text(markdown(rows) + "\n")
-        print(f"wrote {store} and {OUT / 'seed_sweep.md'}")
-    if (ROOT / "README.md").read_text().count("<!-- results:start -->"):
+        store.with_suffix(".md").write_text(markdown(rows, args.profile) + "\n")
+        print(f"wrote {store} and {store.with_suffix('.md')}")
+    if tiny and (ROOT / "README.md").read_text().count("<!-- results:start -->"):
         write_readme(rows)
         print("README.md results table regenerated")
     return 0 if all(r["status"] == "ok" for r in rows) else 1

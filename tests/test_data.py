@@ -50,3 +50,20 @@ def test_tiny_loaders_use_held_out_splits():
     grpo = data.load_grpo_data("tiny", n_train=10, n_test=5)
     assert grpo["checker"](grpo["test"][0], grpo["test"][0]["answer"])
     assert not grpo["checker"](grpo["test"][0], "um, " + grpo["test"][0]["answer"])
+
+
+def test_a_real_model_without_datasets_runs_the_english_sums():
+    from apt_course import data, world
+    from apt_course.profiles import get_profile
+
+    smol = get_profile("smol", resolve=False)
+    train, test = data.load_sft_data(smol, n_train=50, n_test=10)
+    assert len(train) == 50 and len(test) == 10 and train[0]["task"] == "add_en"
+    assert {r["prompt"] for r in train}.isdisjoint(r["prompt"] for r in test)
+    pairs = data.load_preference_pairs(smol, "test", n=5)
+    assert len(pairs) == 5 and all(world.is_bare_number(p["chosen"]) for p in pairs)
+    grpo = data.load_grpo_data(smol, n_train=8, n_test=4)
+    row = grpo["test"][0]
+    assert grpo["checker"](row, f"{row['a']} + {row['b']} = {row['answer']}")  # the last number is the sum
+    assert not grpo["checker"](row, f"{row['a']} + {row['b']} = {int(row['answer']) + 1}")
+    assert grpo["reward_fns"][0](None, [row["answer"]], [row["answer"]]) == [1.0]

@@ -104,3 +104,12 @@ def test_a_non_finite_loss_or_gradient_stops_training_and_keeps_the_weights(pois
         optimizer_step(loss, model, opt, sched)
     for b, p in zip(before, model.parameters()):
         assert torch.equal(b, p) and torch.isfinite(p).all()
+
+
+def test_a_real_model_profile_records_beside_the_tiny_figures(tmp_path):
+    ResultsRecorder("ch99_demo", directory=tmp_path).save(acc=0.5)
+    ResultsRecorder("ch99_demo", directory=tmp_path, profile="smol").save(acc=0.25)
+    records = {r.get("profile", "tiny"): r["metrics"]["acc"] for r in load_results(tmp_path)}
+    assert records == {"tiny": 0.5, "smol": 0.25}
+    assert "ch99_demo [smol]" in format_report(load_results(tmp_path))
+    assert not list(tmp_path.glob("*.tmp*"))  # written atomically: no temporary file left

@@ -259,3 +259,37 @@ def test_bad_stand_ins(monkeypatch, env, match):
         monkeypatch.setenv(key, value)
     with pytest.raises(ValueError, match=match):
         profiles.get_profile("gpu")
+
+
+# ---------------------------------------------------------------- stand-ins written by the course itself
+
+def test_stand_ins_run_the_gpu_code_path_offline(smol_dir, tmp_path, monkeypatch):
+    from apt_course import data
+    from apt_course.standins import DATASET_FIXTURES, make_stand_ins
+
+    env = make_stand_ins(tmp_path / "si", rows=8, tokenizer_from=smol_dir)
+    assert (tmp_path / "si" / "env.sh").read_text().count("export ") == len(env)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".si-")]  # no temporary folder left
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    gpu = profiles.get_profile("gpu")
+    assert gpu.scale < 1 and set(DATASET_FIXTURES) <= set(gpu.datasets)
+    model, tokenizer = profiles.load_model(gpu)
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False)
+    assert len(data.load_preference_pairs(gpu, "train", n=8)) == 8  # hh-rlhf's schema, converted
+    assert len(data.load_grpo_data(gpu, n_train=4, n_test=2)["train"]) == 4  # GSM8K's
+
+
+def test_stand_ins_need_a_chat_template(tmp_path, tiny_path):
+    from apt_course.standins import make_stand_ins
+
+    plain = tmp_path / "plain"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_path)
+    tok.chat_template = None
+    tok.save_pretrained(plain)
+    with pytest.raises(ValueError, match="chat template"):
+        make_stand_ins(tmp_path / "si", tokenizer_from=plain)
+    assert not (tmp_path / "si").exists()

@@ -16,7 +16,7 @@ CHAPTER = {"pretrain": 0, "mdp": 1, "reinforce": 2, "ppo": 3, "sft": 4, "reward_
 SHARED = {"utils", "world", "tokenizer", "model", "lm", "training", "results", "plots", "profiles", "data",
           "evaluate", "envs", "checkpoints", "rewards", "real_model"}
 # tools on top of everything (command line, notebook runner, checkpoint recipes, exercise checkers)
-TOOLS = {"__init__", "__main__", "runner", "recipes", "cli", "launcher"}
+TOOLS = {"__init__", "__main__", "runner", "recipes", "cli", "launcher", "standins"}
 
 
 def _imports(path: Path) -> set[str]:

@@ -87,3 +87,27 @@ def test_greeting_dialogues_are_mostly_rude_but_know_the_polite_answer():
     assert test and not test & {r["prompt"] for r in rows}
     with pytest.raises(ValueError, match="polite_fraction"):
         world.greeting_dialogues(5, polite_fraction=2)
+
+
+def test_english_sums_split_like_the_tiny_world_and_check_bare_numbers():
+    train, test = world.english_sums("train"), world.english_sums("test")
+    questions = lambda rows: {r["prompt"] for r in rows}  # noqa: E731
+    assert len(train) + len(test) == 400 and not questions(train) & questions(test)
+    assert 0.1 < len(test) / 400 < 0.3
+    row = train[0]
+    assert row["answer"] == str(row["a"] + row["b"]) and row["prompt"].endswith(world.NUMBER_ONLY)
+    assert world.check_bare_answer(row, row["answer"] + ".") and world.check_bare_answer(row, f" {row['answer']}")
+    assert not world.check_bare_answer(row, f"{row['a']} + {row['b']} = {row['answer']}")
+    assert not world.check_bare_answer(row, str(int(row["answer"]) + 1))
+    assert world.english_sums("train", seed=1) != train and sorted(map(str, world.english_sums("train", seed=1))) == \
+        sorted(map(str, train))
+    with pytest.raises(ValueError, match="split"):
+        world.english_sums("dev")
+
+
+def test_english_sum_pairs_prefer_the_bare_correct_sum():
+    pairs = world.english_sum_pairs("test", seed=0)
+    assert pairs and all(p["chosen"] == p["answer"] and p["rejected"] != p["chosen"] for p in pairs)
+    assert all(world.is_bare_number(p["chosen"]) and not world.is_bare_number(p["rejected"]) for p in pairs)
+    assert all(p["answer"] in p["rejected"] for p in pairs)  # both correct: the preference is the format
+    assert not any(p["prompt"].endswith(world.NUMBER_ONLY) for p in pairs)

