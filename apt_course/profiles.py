@@ -49,6 +49,11 @@ class Profile:
     max_new_tokens: int = 16
     cpu_threads: int = 1
 
+    def steps(self, n: int, minimum: int = 1) -> int:
+        """A step budget written for this profile's full run, times ``scale`` (a stand-in run's 0.02 turns
+        Colab's 200 steps into 4), never below ``minimum``: ``max(minimum, int(n * scale))``."""
+        return max(minimum, int(n * self.scale))
+
 
 SMOL_MODEL = "apt-course:SmolLM2-135M-Instruct"  # resolved by get_profile to the converted folder
 

@@ -69,3 +69,10 @@ def test_save_model_is_atomic_and_keeps_the_old_model_when_a_save_fails(tmp_path
     save_model(make_tiny_model(tok, seed=1), tok, path)          # a good save replaces it whole
     assert (path / "model.safetensors").read_bytes() != before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_profile_steps_scales_a_budget_with_a_floor():
+    assert get_profile("gpu").steps(200) == 200
+    assert get_profile("gpu", scale=0.02).steps(200) == 4
+    assert get_profile("gpu", scale=0.02).steps(10) == 1
+    assert get_profile("gpu", scale=0.02).steps(10, minimum=2) == 2
