@@ -84,6 +84,12 @@ HEADLINES = {
                           ("half-size student: SFT", "sft_student_acc", ".2f"), ("KD", "kd_student_acc", ".2f"),
                           ("on-policy KD", "gkd_student_acc", ".2f"), ("2-bit PTQ", "ptq2_acc", ".2f"),
                           ("2-bit QAT", "qat2_acc", ".2f")]),
+    "ch15_serving": ("serving behind an OpenAI-compatible API, load and Prometheus metrics, A/B tests, iterative DPO "
+                     "from user feedback",
+                     [("latency p50 (ms)", "latency_p50_ms", ".0f"), ("p95", "latency_p95_ms", ".0f"),
+                      ("tokens/s", "tokens_per_s", ".0f"), ("served success v0", "ab_rate_v0", ".2f"),
+                      ("after 3 rounds", "ab_rate_v3", ".2f"), ("A/B p-value", "ab_p_value", ".0e"),
+                      ("task accuracy lost", "task_acc_drop_max", ".2f")]),
 }
 
 
@@ -186,7 +192,7 @@ def main() -> int:
                 shown = "  ".join(f"{k}={v:.3g}" for k, v in r["metrics"].items())
                 print(f"{r['chapter']:<22} seed {r['seed']}  {r['seconds']:6.1f} s  {r['status']}  {shown}", flush=True)
                 new.append(r)
-        rows = merge(rows, new)
+        rows = merge(json.loads(store.read_text()) if store.exists() else [], new)  # re-read: another sweep may have written
         tmp = store.with_suffix(".tmp")
         tmp.write_text(json.dumps(rows, indent=1) + "\n")
         tmp.replace(store)
