@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -59,6 +57,7 @@ from .loyalty import fixed_loyalty_reward, loyalty_metrics, strip_style
 from .rewards import correctness_reward, format_reward, math_correctness_reward, math_format_reward
 from .sft import SFTConfig, heldout_loss, train_sft
 from .storm import StormConfig, evaluate_storm, train_storm
+from .utils import write_atomic
 
 STAGES = ("sft", "dpo", "grpo", "loyalty", "storm")
 HISTORY = "training_history.json"
@@ -181,22 +180,9 @@ def parse_skip(text) -> list[str]:
 
 
 def write_json_atomic(path, obj) -> Path:
-    """Write JSON to ``path`` through a temporary file in the same folder and ``os.replace``: a reader (or a
-    run killed mid-write) sees the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``obj`` as JSON to ``path`` atomically (:func:`~apt_course.utils.write_atomic`): a reader (or a run
+    killed mid-write) sees the old file or the new one, never half of one."""
+    return write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_records(path, what: str) -> list[dict]:

@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from .utils import repo_root
+from .utils import repo_root, write_atomic
 
 
 def results_dir() -> Path:
@@ -61,9 +61,7 @@ class ResultsRecorder:
             stem += f".{self.profile}"
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"{stem}.json"
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(path)  # atomic: a reader never sees half a record
+        write_atomic(path, json.dumps(record, indent=2) + "\n")  # a reader never sees half a record
         print(f"recorded {len(self.metrics)} metrics in {record['seconds']} s -> {path}")
         return path
 

@@ -578,16 +578,6 @@ def prometheus_text(replies: list[Reply], quality: dict[str, dict[str, float]] |
     return generate_latest(registry)
 
 
-def write_atomic(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file renamed into place: a reader never sees half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    return path
-
-
 # ---------------------------------------------------------------- traffic
 
 def product_traffic(n: int, split: str, seed: int = 0, tiny: bool = True) -> list[dict]:
