@@ -21,7 +21,9 @@ from .pipeline import PipelineConfig, PipelineError, write_json_atomic
 DEFAULT_DATA_DIR = "data/apt_datasets"
 OUTPUTS = {"sft": "coig-cqia", "cot": "s1k", "dpo": ("hh-rlhf", "ultrafeedback"), "ruozhiba": "ruozhiba",
            "loyalty_template": "loyalty_template"}
-HUB = {"coig-cqia": ("m-a-p/COIG-CQIA", "train", "ruozhiba"),  # (id, split, config)
+COIG_CQIA_CONFIGS = ("chinese_traditional", "coig_pc", "douban", "exam", "finance", "human_value", "logi_qa",
+                     "ruozhiba", "segmentfault", "wiki", "wikihow", "xhs", "zhihu")  # the dataset's subsets
+HUB = {"coig-cqia": ("m-a-p/COIG-CQIA", "train", COIG_CQIA_CONFIGS),  # (id, split, config or configs)
        "ruozhiba": ("m-a-p/COIG-CQIA", "train", "ruozhiba"),
        "s1k": ("simplescaling/s1K-1.1", "train", None),
        "hh-rlhf": ("Anthropic/hh-rlhf", "train", None),
@@ -71,8 +73,14 @@ def load_rows(name: str, source_dir: Path | None, max_samples: int | None) -> li
     from .data import load_hub_dataset
 
     hub_id, split, config = HUB[name]
-    where = str(find_source(source_dir, name)) if source_dir is not None else hub_id
-    rows = list(load_hub_dataset(where, split, config if source_dir is None else None))
+    if source_dir is not None:
+        rows = list(load_hub_dataset(str(find_source(source_dir, name)), split))
+    else:  # every subset of a dataset with several (COIG-CQIA), until max_samples rows are read
+        rows = []
+        for cfg in (config if isinstance(config, tuple) else (config,)):
+            rows += list(load_hub_dataset(hub_id, split, cfg))
+            if max_samples and len(rows) >= max_samples:
+                break
     return rows[:max_samples] if max_samples else rows
 
 

@@ -270,15 +270,20 @@ HISTORY_KEYS = ("step", "reward_mean", "reward_std", "frac_zero_std", "completio
                 "loss", "truncated", "nan_rewards")
 
 
-def train_grpo(model, ref_model, tokenizer, prompts, reward_fns, config: GRPOConfig = GRPOConfig()) -> dict:
+def train_grpo(model, ref_model, tokenizer, prompts, reward_fns, config: GRPOConfig = GRPOConfig(),
+               eval_fn=None, eval_every: int = 10) -> dict:
     """Train ``model`` with GRPO on ``prompts`` scored by ``reward_fns``; returns the history dict.
 
     prompts: strings or rows ``{"prompt": ..., <columns the reward functions read>}``; ref_model: the
     frozen reference (needed when ``config.beta > 0``; when given, the KL is logged either way).
     History (one entry per logged step): reward mean and std over the batch, the fraction of groups whose
     rewards all tie (no signal), completion length, KL to the reference, clip fraction, the loss, the
-    fraction of truncated completions, and ``reward/<fn>`` for every reward function.
+    fraction of truncated completions, and ``reward/<fn>`` for every reward function. ``eval_fn(model) -> dict``
+    (optional, as in chapter 06's ``train_rlhf``) is called before step 0, every ``eval_every`` steps and at the
+    end, into ``history["eval"]`` (``{"step": ..., **eval_fn(model)}``), without touching the optimiser.
     """
+    if eval_fn is not None and eval_every < 1:
+        raise ValueError(f"eval_every must be >= 1 when an eval_fn is given, got {eval_every}")
     rows = prompt_rows(prompts)
     columns = [k for k in rows[0] if k != "prompt"]
     fns = check_reward_functions(reward_fns, columns)
@@ -292,8 +297,18 @@ def train_grpo(model, ref_model, tokenizer, prompts, reward_fns, config: GRPOCon
     torch.manual_seed(config.seed)
     opt, sched = make_optimizer(model, config.lr, config.steps * config.num_iterations, config.warmup)
     history = {k: [] for k in HISTORY_KEYS} | {f"reward/{name}": [] for name, _ in fns}
+    if eval_fn is not None:
+        history["eval"] = []
+
+    def evaluate(step):
+        model.eval()
+        history["eval"].append({"step": step, **eval_fn(model)})
+        model.train()
+
     model.train()
     for step in progress(range(config.steps), "GRPO"):
+        if eval_fn is not None and step % eval_every == 0:
+            evaluate(step)
         idx = rng.sample(range(len(rows)), min(config.prompts_per_step, len(rows)))
         batch = sample_groups(model, tokenizer, [texts[i] for i in idx], G, config.max_new_tokens, config.temperature)
         group_rows = [rows[i] for i in idx for _ in range(G)]
@@ -329,6 +344,8 @@ def train_grpo(model, ref_model, tokenizer, prompts, reward_fns, config: GRPOCon
             history["nan_rewards"].append(torch.isnan(per_fn).any(1).float().mean().item())
             for j, (name, _) in enumerate(fns):
                 history[f"reward/{name}"].append(torch.nanmean(per_fn[:, j]).item())
+    if eval_fn is not None:
+        evaluate(config.steps)
     return history
 
 

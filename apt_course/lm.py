@@ -48,9 +48,10 @@ def build_batch(tokenizer, prompts: list[str], completions: list[str], add_eos: 
     if not prompts:
         raise ValueError("empty batch: pass at least one prompt/completion pair")
     rows, masks = [], []
-    for p, c in zip(prompts, completions):
-        p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
-        c_ids = tokenizer(c, add_special_tokens=False)["input_ids"]
+    # one tokenizer call per side (a fast tokenizer encodes the list in one batch), not one per row
+    p_all = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    c_all = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    for p_ids, c_ids in zip(p_all, c_all):
         if add_eos:
             c_ids = c_ids + [tokenizer.eos_token_id]
         p_ids, c_ids = truncate_pair(p_ids, c_ids, max_length)

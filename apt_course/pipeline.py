@@ -90,7 +90,8 @@ class PipelineConfig:
     ceil(epochs · rows / batch)); batch sizes, learning rates. DPO's ``dpo_beta``; GRPO's prompts per step,
     group size, ``grpo_beta``; loyalty: ``loyalty_sft_steps`` of SFT on the template (the role's response under
     the trusted system message), then ``loyalty_steps`` of GRPO with ``owner_bonus`` (None: the template's
-    ``reward_bonus``), ``loyalty_beta``; storm: ``noise_ratio`` r0, ``noise_schedule``, ``storm_cot`` (what the
+    ``reward_bonus``), ``loyalty_beta``, then ``loyalty_harden_steps`` more of the template SFT (chapter 11's
+    hardening: the template's spoof attempts, answered as the trusted channel says; 0 = none); storm: ``noise_ratio`` r0, ``noise_schedule``, ``storm_cot`` (what the
     storm stage trains: ``"answer"`` the answer alone, ``"explicit"`` the written chain, ``"internalise"``),
     ``internalize_cot`` (= ``storm_cot="internalise"``, stepwise internalisation), ``storm_replay``: rehearsal rows
     from the SFT data per reasoning row (the tiny model forgets its other skills in a few dozen storm steps
@@ -129,6 +130,7 @@ class PipelineConfig:
     grpo_beta: float = 0.0
     loyalty_sft_steps: int = 24
     loyalty_sft_lr: float = 1e-3
+    loyalty_harden_steps: int = 60
     loyalty_steps: int = 16
     loyalty_prompts_per_step: int = 8
     loyalty_group_size: int = 6
@@ -334,6 +336,9 @@ def validate(config: PipelineConfig) -> PipelineConfig:
             value = getattr(config, f"{name}_{suffix}")
             if value is not None and not value > 0:
                 raise PipelineError(f"{name}_{suffix} must be > 0, got {value!r}")
+    for key in ("loyalty_sft_steps", "loyalty_harden_steps"):
+        if not isinstance(getattr(config, key), int) or getattr(config, key) < 0:
+            raise PipelineError(f"{key} must be a whole number >= 0 (0 = none), got {getattr(config, key)!r}")
     for key in ("sft_lr", "loyalty_sft_lr", "dpo_lr", "grpo_lr", "loyalty_lr", "storm_lr", "dpo_beta", "n_eval"):
         if not getattr(config, key) > 0:
             raise PipelineError(f"{key} must be > 0, got {getattr(config, key)!r}")
@@ -363,7 +368,8 @@ def validate(config: PipelineConfig) -> PipelineConfig:
                "public_data": lambda p: read_loyalty_prompts(p, False), "reasoning_data": read_storm,
                "loyalty_template": read_template}
     for stage in config.stages():
-        needed = STAGE_DATA[stage] + (("loyalty_template",) if stage == "loyalty" and config.loyalty_sft_steps else ())
+        needed = STAGE_DATA[stage] + (("loyalty_template",) if stage == "loyalty" and (config.loyalty_sft_steps or
+                                                                                 config.loyalty_harden_steps) else ())
         for key in needed:
             flag = "--" + key.replace("_", "-")
             value = getattr(config, key)
@@ -561,7 +567,7 @@ class Pipeline:
                                         c.seed)
         train, test = o_train + p_train, o_test + p_test
         bonus, template_rows = c.owner_bonus, []
-        if c.loyalty_template and c.loyalty_sft_steps:
+        if c.loyalty_template and (c.loyalty_sft_steps or c.loyalty_harden_steps):
             template_rows, template_bonus = read_template(_files(c.loyalty_template)[0])
             bonus = template_bonus if bonus is None else bonus
         bonus = 2.0 if bonus is None else bonus
@@ -575,11 +581,12 @@ class Pipeline:
             return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
 
         before = measure(model)
-        sft_h, t0 = {}, time.perf_counter()
+        sft_h, harden_h, t0 = {}, {}, time.perf_counter()
         if template_rows:
             if c.sft_data:  # rehearsal: as many of the SFT data's plain rows, so the roles do not crowd out the rest
                 plain = [r for r in self.sft_heldout()[0] if not r.get("system")]
                 template_rows = template_rows + random.Random(c.seed).sample(plain, min(len(plain), len(template_rows)))
+        if template_rows and c.loyalty_sft_steps:
             sft_h = train_sft(model, tok, template_rows, SFTConfig(steps=c.loyalty_sft_steps, batch_size=c.sft_batch_size,
                                                                    lr=c.loyalty_sft_lr, warmup=0, seed=c.seed))
         fixed = fixed_loyalty_reward(bonus)
@@ -596,11 +603,17 @@ class Pipeline:
         h = train_grpo(model, ref, tok, cols, [loyalty_reward],
                        GRPOConfig(steps=steps, prompts_per_step=c.loyalty_prompts_per_step, group_size=c.loyalty_group_size,
                                   lr=c.loyalty_lr, beta=c.loyalty_beta, max_new_tokens=mt, seed=c.seed))
+        if template_rows and c.loyalty_harden_steps:  # chapter 11's hardening: the template's spoofs, after GRPO
+            harden_h = train_sft(model, tok, template_rows, SFTConfig(
+                steps=c.loyalty_harden_steps, batch_size=c.sft_batch_size, lr=c.loyalty_sft_lr, warmup=0,
+                seed=c.seed + 7))
         train_seconds = time.perf_counter() - t0
         after = measure(model)
         return {"train_seconds": round(train_seconds, 2), "dataset": [str(owner_path), str(public_path)] + ([str(c.loyalty_template)] if template_rows else []),
                 "n_train": len(train), "n_eval": len(test), "steps": steps, "template_sft_steps":
                 c.loyalty_sft_steps if template_rows else 0, "template_sft_final_loss": _last(sft_h, "loss"),
+                "harden_steps": c.loyalty_harden_steps if template_rows else 0,
+                "harden_final_loss": _last(harden_h, "loss"),
                 "owner_bonus": bonus, "epochs": steps * c.loyalty_prompts_per_step / len(cols),
                 "final_loss": _last(h, "loss"), "reward": _last(h, "reward_mean"), "kl": _last(h, "kl"),
                 "headline": "gap", "before": before, "after": after,

@@ -209,6 +209,26 @@ def test_train_grpo_raises_a_reward_on_a_small_budget(tok):
     assert history["kl"][-1] > 0 and max(history["clip_fraction"]) > 0
 
 
+def test_eval_fn_measures_without_changing_the_training(tok):
+    """``eval_fn`` runs before step 0, every ``eval_every`` steps and at the end, and the trained weights are
+    exactly those of a run without it (the measurement neither restarts the optimiser nor draws from its RNG)."""
+    def digits(prompts, completions, **kwargs):
+        return [float(any(ch.isdigit() for ch in c)) for c in completions]
+
+    torch.set_num_threads(1)
+    config = GRPOConfig(steps=4, prompts_per_step=2, group_size=2, lr=3e-3, max_new_tokens=3, seed=1)
+    plain, measured = make_tiny_model(tok, seed=0), make_tiny_model(tok, seed=0)
+    train_grpo(plain, None, tok, ["add 1 2", "sort 321"], [digits], config)
+    seen = []
+    history = train_grpo(measured, None, tok, ["add 1 2", "sort 321"], [digits], config,
+                         eval_fn=lambda m: seen.append(m.training) or {"n": len(seen)}, eval_every=3)
+    assert [e["step"] for e in history["eval"]] == [0, 3, 4] and [e["n"] for e in history["eval"]] == [1, 2, 3]
+    assert seen == [False, False, False], "eval_fn should see the model in eval mode"
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), measured.parameters()))
+    with pytest.raises(ValueError, match="eval_every"):
+        train_grpo(measured, None, tok, ["add 1 2"], [digits], config, eval_fn=lambda m: {}, eval_every=0)
+
+
 def test_pass_at_k_on_known_samples(tok, monkeypatch):
     """Three prompts, k = 2 samples each: right/right, right/wrong, wrong/wrong -> a sample is right 3/6 of the
     time, and 2 of 3 prompts have at least one right sample."""

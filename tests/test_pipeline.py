@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 FAST = ["--sft-steps", "2", "--dpo-steps", "2", "--grpo-steps", "2", "--loyalty-steps", "2", "--loyalty-sft-steps",
         "2", "--storm-steps", "2", "--n-eval", "6", "--grpo-prompts-per-step", "2", "--grpo-group-size", "2",
-        "--loyalty-prompts-per-step", "2", "--loyalty-group-size", "2",
+        "--loyalty-prompts-per-step", "2", "--loyalty-group-size", "2", "--loyalty-harden-steps", "2",
         "--sft-batch-size", "4", "--dpo-batch-size", "4", "--storm-batch-size", "4"]
 
 
@@ -70,6 +70,39 @@ def test_prepare_converts_local_copies_in_the_real_schemas(tmp_path):
     assert main(["prepare", "--sft", "--max-samples", "1", "--source", str(FIXTURES), "--output-dir", str(out)]) == 0
     assert len(json.loads((out / "coig-cqia_train.json").read_text())) == 1
     assert main(["prepare", "--cot", "--source", str(tmp_path), "--output-dir", str(out)]) == 2
+
+
+def test_prepare_without_source_loads_each_dataset_from_the_hub_by_name(tmp_path, monkeypatch):
+    """The Hub path, executed: ``datasets.load_dataset`` is replaced by one that serves the fixtures (the real
+    schemas) and records what was asked for, so the ids, configs and splits the CLI requests are pinned."""
+    import datasets
+
+    files = {"m-a-p/COIG-CQIA": "coig_cqia_sample.jsonl", "simplescaling/s1K-1.1": "s1k_sample.jsonl",
+             "Anthropic/hh-rlhf": "hh_rlhf_sample.jsonl",
+             "HuggingFaceH4/ultrafeedback_binarized": "ultrafeedback_binarized_sample.jsonl"}
+    asked, real = [], datasets.load_dataset
+
+    def hub(path, name=None, split=None, **kwargs):
+        if path not in files:
+            return real(path, name, split=split, **kwargs)  # the json loader the fixture goes through
+        asked.append((path, name, split))
+        return real("json", data_files=str(FIXTURES / files[path]), split="train")
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    out = tmp_path / "hub"
+    assert main(["prepare", "--all", "--max-samples", "2", "--output-dir", str(out)]) == 0
+    assert sorted(asked) == [("Anthropic/hh-rlhf", None, "train"),
+                             ("HuggingFaceH4/ultrafeedback_binarized", None, "train_prefs"),
+                             ("m-a-p/COIG-CQIA", "chinese_traditional", "train"),  # the first subset has 2 rows
+                             ("m-a-p/COIG-CQIA", "ruozhiba", "train"),
+                             ("simplescaling/s1K-1.1", None, "train")]
+    for name in ("coig-cqia_train", "ruozhiba_train", "s1k_train", "hh-rlhf_train", "ultrafeedback_train"):
+        rows = json.loads((out / f"{name}.json").read_text())
+        assert len(rows) == 2, name
+    asked.clear()  # without --max-samples, --sft reads every subset of COIG-CQIA
+    assert main(["prepare", "--sft", "--output-dir", str(out)]) == 0
+    assert [a[1] for a in asked] == list(cli.COIG_CQIA_CONFIGS)
+    assert pipeline.read_pairs(out / "hh-rlhf_train.json")[0]["chosen"]
 
 
 def test_merge(data_dir, tmp_path, capsys):
