@@ -286,7 +286,9 @@ HELP = {"output_dir": "where the stage models and training_history.json go", "ba
         "dpo_data": "DPO pairs, several files comma-separated", "prompts": "GRPO prompts with answers",
         "owner_bonus": "loyalty bonus (default: the template's reward_bonus, else 2.0)",
         "internalize_cot": "storm: stepwise internalisation of the chain of thought",
-        "profile": "tiny (CPU, offline), smol or gpu"}
+        "profile": "tiny (CPU, offline), smol or gpu",
+        "trainer": "scratch (the chapters' own trainers, one process) or trl (TRL's trainers: data parallel under "
+                   "accelerate launch, e.g. --trainer trl with configs/accelerate/multi_gpu.yaml)"}
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,6 +15,11 @@ loyalty    template SFT + :func:`~apt_course.grpo.train_grpo` with the response-
 storm      :func:`~apt_course.storm.train_storm` (12) ``reasoning_acc`` on held-out problems (noise as configured)
 =========  ======================================  ==========================================================
 
+``trainer="trl"`` (``--trainer trl``) trains the same stages with TRL's trainers instead
+(:mod:`apt_course.pipeline_trl`), which run data parallel under ``accelerate launch``: every process runs the
+pipeline, and only the main process writes the models and the history (the from-scratch trainers refuse to run
+in more than one process).
+
 Every stage also records ``general_acc`` (the SFT stage's held-out accuracy), so what a later stage costs in
 general ability is on the record. A run is resumable: started again with the same output folder, it continues
 after the last stage whose model and history record are both complete. :func:`validate` checks every input
@@ -34,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -67,6 +73,7 @@ DATA_FILES = {  # the files each stage reads, as `apt-course prepare` names them
     "owner_data": "owner_prompts.json", "public_data": "public_prompts.json",
     "loyalty_template": "loyalty_template.json", "reasoning_data": "s1k_train.json",
 }
+TRAINERS = ("scratch", "trl")
 STAGE_DATA = {"sft": ("sft_data",), "dpo": ("dpo_data",), "grpo": ("prompts",),
               "loyalty": ("owner_data", "public_data"), "storm": ("reasoning_data",)}
 
@@ -96,6 +103,11 @@ class PipelineConfig:
     ``internalize_cot`` (= ``storm_cot="internalise"``, stepwise internalisation), ``storm_replay``: rehearsal rows
     from the SFT data per reasoning row (the tiny model forgets its other skills in a few dozen storm steps
     without them; 0 = none). ``n_eval``: held-out rows per measurement.
+
+    ``trainer``: ``"scratch"`` (default) trains every stage with the chapters' from-scratch loops, in one process;
+    ``"trl"`` with TRL's trainers (:mod:`apt_course.pipeline_trl`: SFTTrainer, DPOTrainer, GRPOTrainer, a storm
+    SFTTrainer), which run data parallel under ``accelerate launch`` (several GPUs, DeepSpeed ZeRO, FSDP); a batch
+    size is then the global batch, split over the processes.
     """
 
     output_dir: str = "runs/apt_pipeline"
@@ -147,6 +159,7 @@ class PipelineConfig:
     storm_cot: str = "answer"
     internalize_cot: bool = False
     storm_replay: float = 1.0
+    trainer: str = "scratch"
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -179,6 +192,17 @@ def parse_skip(text) -> list[str]:
         raise PipelineError(f"--skip: unknown stage(s) {bad}; the stages are {', '.join(STAGES)} "
                             "(e.g. --skip dpo,storm)")
     return names
+
+
+def process_state(cpu: bool = False):
+    """accelerate's ``PartialState``: the number of processes running this pipeline (``accelerate launch``), which
+    one is the main one, each one's device (one process, the main one, when nothing launched it). Set up once per
+    process, by the first call: ``cpu=True`` (or ``accelerate launch --cpu``) keeps it off the GPU, and processes
+    without a GPU talk over gloo."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def write_json_atomic(path, obj) -> Path:
@@ -323,6 +347,9 @@ def validate(config: PipelineConfig) -> PipelineConfig:
     from .profiles import PROFILES
 
     config.skip = parse_skip(config.skip)
+    if config.trainer not in TRAINERS:
+        raise PipelineError(f"--trainer {config.trainer!r} is unknown: use 'scratch' (the chapters' from-scratch "
+                            "trainers, one process) or 'trl' (TRL's trainers, data parallel under accelerate launch)")
     if config.profile not in PROFILES:
         raise PipelineError(f"--profile {config.profile!r} is unknown: use one of {', '.join(sorted(PROFILES))}")
     if not config.stages():
@@ -428,8 +455,13 @@ class Pipeline:
     def __init__(self, config: PipelineConfig, device="cpu", log=print):
         self.config = validate(config)
         self.out = Path(config.output_dir)
-        self.device = torch.device(device)
-        self.log = log
+        self.state = process_state(cpu=torch.device(device).type == "cpu")
+        if config.trainer == "scratch" and self.state.num_processes > 1:
+            raise PipelineError("the from-scratch trainers are single-process: use --trainer trl under accelerate "
+                                f"launch with more than one process (this run has {self.state.num_processes})")
+        # several processes: each on its own device (accelerate's choice); only the main one prints
+        self.device = self.state.device if self.state.num_processes > 1 else torch.device(device)
+        self.log = log if self.state.is_main_process else (lambda *args, **kwargs: None)
         from .profiles import get_profile
 
         self.profile = get_profile(config.profile)
@@ -478,6 +510,15 @@ class Pipeline:
     def general_acc(self, model, tok) -> float:
         return accuracy(model, tok, self.general_rows(), self.eval_tokens, checker=final_answer_correct)
 
+    def train(self, kind: str, *args) -> dict:
+        """Train with the chapter's from-scratch ``train_<kind>`` (sft, dpo, grpo, storm) or, with
+        ``trainer="trl"``, its TRL twin in :mod:`apt_course.pipeline_trl` (same arguments, same history keys)."""
+        if self.config.trainer == "trl":
+            from . import pipeline_trl
+
+            return getattr(pipeline_trl, f"train_{kind}")(*args, output_dir=self.out / ".trl" / kind)
+        return {"sft": train_sft, "dpo": train_dpo, "grpo": train_grpo, "storm": train_storm}[kind](*args)
+
     # -- the stages
     def stage_sft(self, model, tok) -> dict:
         c = self.config
@@ -491,8 +532,8 @@ class Pipeline:
         before = measure(model)
         steps = steps_for(c.sft_steps, c.sft_epochs, len(train), c.sft_batch_size)
         t0 = time.perf_counter()
-        h = train_sft(model, tok, train, SFTConfig(steps=steps, batch_size=c.sft_batch_size, lr=c.sft_lr,
-                                                   warmup=min(5, steps), seed=c.seed))
+        h = self.train("sft", model, tok, train, SFTConfig(steps=steps, batch_size=c.sft_batch_size, lr=c.sft_lr,
+                                                           warmup=min(5, steps), seed=c.seed))
         train_seconds = time.perf_counter() - t0
         after = measure(model)
         return {"train_seconds": round(train_seconds, 2), "dataset": [str(p) for p in paths], "n_train": len(train),
@@ -513,9 +554,9 @@ class Pipeline:
         before = {"pref_acc": implicit_reward_accuracy(model, tok, test)}
         steps = steps_for(c.dpo_steps, c.dpo_epochs, len(train), c.dpo_batch_size)
         t0 = time.perf_counter()
-        h = train_dpo(model, ref, tok, train, DPOConfig(beta=c.dpo_beta, steps=steps, batch_size=c.dpo_batch_size,
-                                                        lr=c.dpo_lr, warmup=min(5, steps), sft_weight=1.0,
-                                                        seed=c.seed, log_every=1))
+        h = self.train("dpo", model, ref, tok, train, DPOConfig(
+            beta=c.dpo_beta, steps=steps, batch_size=c.dpo_batch_size, lr=c.dpo_lr, warmup=min(5, steps),
+            sft_weight=1.0, seed=c.seed, log_every=1))
         train_seconds = time.perf_counter() - t0
         after = {"pref_acc": implicit_reward_accuracy(model, tok, test)}
         return {"train_seconds": round(train_seconds, 2), "dataset": [str(p) for p in paths], "n_train": len(train),
@@ -545,7 +586,7 @@ class Pipeline:
         steps = steps_for(c.grpo_steps, c.grpo_epochs, len(train), c.grpo_prompts_per_step)
         ref = copy.deepcopy(model).eval()
         t0 = time.perf_counter()
-        h = train_grpo(model, ref, tok, train, fns,
+        h = self.train("grpo", model, ref, tok, train, fns,
                        GRPOConfig(steps=steps, prompts_per_step=c.grpo_prompts_per_step, group_size=c.grpo_group_size,
                                   lr=c.grpo_lr, beta=c.grpo_beta, max_new_tokens=self.max_new_tokens,
                                   reward_weights=[1.0, 0.1], seed=c.seed))
@@ -587,8 +628,8 @@ class Pipeline:
                 plain = [r for r in self.sft_heldout()[0] if not r.get("system")]
                 template_rows = template_rows + random.Random(c.seed).sample(plain, min(len(plain), len(template_rows)))
         if template_rows and c.loyalty_sft_steps:
-            sft_h = train_sft(model, tok, template_rows, SFTConfig(steps=c.loyalty_sft_steps, batch_size=c.sft_batch_size,
-                                                                   lr=c.loyalty_sft_lr, warmup=0, seed=c.seed))
+            sft_h = self.train("sft", model, tok, template_rows, SFTConfig(
+                steps=c.loyalty_sft_steps, batch_size=c.sft_batch_size, lr=c.loyalty_sft_lr, warmup=0, seed=c.seed))
         fixed = fixed_loyalty_reward(bonus)
 
         def loyalty_reward(prompts, completions, answer, is_owner, **kwargs):
@@ -600,11 +641,11 @@ class Pipeline:
                 for r in train]
         steps = steps_for(c.loyalty_steps, c.loyalty_epochs, len(cols), c.loyalty_prompts_per_step)
         ref = copy.deepcopy(model).eval()
-        h = train_grpo(model, ref, tok, cols, [loyalty_reward],
+        h = self.train("grpo", model, ref, tok, cols, [loyalty_reward],
                        GRPOConfig(steps=steps, prompts_per_step=c.loyalty_prompts_per_step, group_size=c.loyalty_group_size,
                                   lr=c.loyalty_lr, beta=c.loyalty_beta, max_new_tokens=mt, seed=c.seed))
         if template_rows and c.loyalty_harden_steps:  # chapter 11's hardening: the template's spoofs, after GRPO
-            harden_h = train_sft(model, tok, template_rows, SFTConfig(
+            harden_h = self.train("sft", model, tok, template_rows, SFTConfig(
                 steps=c.loyalty_harden_steps, batch_size=c.sft_batch_size, lr=c.loyalty_sft_lr, warmup=0,
                 seed=c.seed + 7))
         train_seconds = time.perf_counter() - t0
@@ -640,7 +681,7 @@ class Pipeline:
         before = measure(model)
         steps = steps_for(c.storm_steps, c.storm_epochs, len(train) + len(replay), c.storm_batch_size)
         t0 = time.perf_counter()
-        h = train_storm(model, tok, train + replay, StormConfig(
+        h = self.train("storm", model, tok, train + replay, StormConfig(
             steps=steps, batch_size=c.storm_batch_size, lr=c.storm_lr, warmup=min(5, steps), seed=c.seed,
             cot=cot, r0=c.noise_ratio, schedule=c.noise_schedule))
         train_seconds = time.perf_counter() - t0
@@ -654,7 +695,9 @@ class Pipeline:
 
     # -- the run
     def run(self) -> dict:
-        """Run (or resume) every stage not skipped; returns the history."""
+        """Run (or resume) every stage not skipped; returns the history. Under ``accelerate launch`` every process
+        runs this, the TRL trainers share the training, and only the main process writes the models and the
+        history; the others wait for it, then every process loads the saved model for the next stage."""
         from .model import save_model
 
         c = self.config
@@ -683,16 +726,24 @@ class Pipeline:
             record["before"]["general_acc"] = general_before
             record["after"]["general_acc"] = self._general_cache[stage] = self.general_acc(model, tok)
             record["wall_seconds"] = round(time.perf_counter() - start, 2)
-            path = save_model(model, tok, self.out / f"{stage}_model")
+            record["trainer"], record["num_processes"] = c.trainer, self.state.num_processes
+            path = self.out / f"{stage}_model"
             record["model_dir"] = str(path)
             record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
             history["stages"].append(record)
-            write_json_atomic(self.out / HISTORY, history)
+            if self.state.is_main_process:
+                save_model(model, tok, path)
+                write_json_atomic(self.out / HISTORY, history)
+            self.state.wait_for_everyone()
+            if c.trainer == "trl":  # every process goes on from the weights on disk, as a resumed run would
+                model, tok = self.load(path)
             head = record["headline"]
             self.log(f"   {stage}: {head} {record['before'][head]:.3f} -> {record['after'][head]:.3f}, "
                      f"general_acc {general_before:.3f} -> {record['after']['general_acc']:.3f}, "
                      f"{record['steps']} steps, {record['wall_seconds']:.1f} s ({record['train_seconds']:.1f} s training)")
             prev = stage
+        if c.trainer == "trl" and self.state.is_main_process:
+            shutil.rmtree(self.out / ".trl", ignore_errors=True)  # the TRL trainers' (empty) output folders
         return history
 
 

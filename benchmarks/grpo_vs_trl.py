@@ -22,8 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from apt_course import world  # noqa: E402
-from apt_course.grpo import train_grpo  # noqa: E402
+from apt_course import (
+    grpo,  # noqa: E402
+    world,  # noqa: E402
+)
 from apt_course.lm import format_prompts  # noqa: E402
 from apt_course.model import load_pretrained, make_tiny_model, save_model  # noqa: E402
 from apt_course.rewards import correctness_reward, format_reward  # noqa: E402
@@ -41,8 +43,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    import trl
     from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
 
     if args.fresh:
         tok = build_tokenizer()
@@ -61,7 +63,7 @@ def main() -> None:
     for r in range(args.repeats + 1):
         m = copy.deepcopy(model)
         start = time.perf_counter()
-        train_grpo(m, None, tok, rows, fns, GRPOConfig(steps=1, prompts_per_step=args.prompts, group_size=args.group,
+        grpo.train_grpo(m, None, tok, rows, fns, grpo.GRPOConfig(steps=1, prompts_per_step=args.prompts, group_size=args.group,
                                                           max_new_tokens=args.max_new_tokens, reward_weights=weights,
                                                           seed=r))
         ours.append(time.perf_counter() - start)
@@ -81,11 +83,11 @@ def main() -> None:
 
     timer = StepTimer()
     trl_rows = [{"prompt": p, "answer": r["answer"]} for p, r in zip(format_prompts(tok, rows), rows)]
-    cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), report_to="none", use_cpu=True, bf16=False,
+    cfg = trl.GRPOConfig(output_dir=tempfile.mkdtemp(), report_to="none", use_cpu=True, bf16=False,
                      max_steps=args.repeats + 1, per_device_train_batch_size=batch, num_generations=args.group,
                      max_completion_length=args.max_new_tokens, beta=0.0, loss_type="dapo", save_strategy="no",
                      logging_steps=1, disable_tqdm=True, reward_weights=weights)
-    trainer = GRPOTrainer(model=str(path), reward_funcs=fns, args=cfg, train_dataset=Dataset.from_list(trl_rows),
+    trainer = trl.GRPOTrainer(model=str(path), reward_funcs=fns, args=cfg, train_dataset=Dataset.from_list(trl_rows),
                           processing_class=tok, callbacks=[timer])
     trainer.train()
 

@@ -3,7 +3,7 @@ cell (imports), and its slowest cells.
 
     python benchmarks/notebook_times.py                  # every notebook, seed 0, one at a time
     python benchmarks/notebook_times.py ch04 ch07 --seeds 0 1 2 --top 5
-    python benchmarks/notebook_times.py --markdown benchmarks/results/notebook_times.md
+    python benchmarks/notebook_times.py --markdown benchmarks/results/notebook_times.md --readme
 
 Run it with nothing else on the machine: timings on a shared 2-core CPU are worth nothing. Targets: every
 notebook <= 90 s on a 2-core CPU (the course's rule), all of them < 12 minutes one after another.
@@ -58,6 +58,8 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
     parser.add_argument("--top", type=int, default=3, help="slowest cells to show per notebook")
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
+    parser.add_argument("--readme", action="store_true",
+                        help="also put the table in README.md (between <!-- times:start --> and <!-- times:end -->)")
     args = parser.parse_args()
     os.environ.setdefault("APT_COURSE_QUIET", "1")
     lines = ["| notebook | seed | total s | kernel start s | setup cell s | slowest cells (s) |", "|---|---|---|---|---|---|"]
@@ -87,7 +89,21 @@ def main() -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(f"Written by `python benchmarks/notebook_times.py` on {os.cpu_count()} CPUs.\n\n"
                        + "\n".join(lines) + "\n")
+    if args.readme:
+        write_readme_table(lines)
     return 0 if ok else 1
+
+
+def write_readme_table(lines: list[str], readme: Path = Path(__file__).resolve().parent.parent / "README.md") -> None:
+    """Replace the table between README's ``<!-- times:start -->`` and ``<!-- times:end -->`` markers (atomically)."""
+    from apt_course.utils import write_atomic
+
+    text = readme.read_text(encoding="utf-8")
+    start, end = "<!-- times:start -->", "<!-- times:end -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"{readme} has no {start} ... {end} markers: add them where the table goes")
+    head, rest = text.split(start, 1)
+    write_atomic(readme, head + start + "\n" + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1])
 
 
 if __name__ == "__main__":
