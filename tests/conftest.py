@@ -73,3 +73,13 @@ def real_model_packages():
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """The tiny world's datasets as `apt-course prepare --tiny` writes them (60 rows a file): the pipeline tests'."""
+    from apt_course.__main__ import main
+
+    out = tmp_path_factory.mktemp("apt_datasets")
+    assert main(["prepare", "--tiny", "--max-samples", "60", "--output-dir", str(out)]) == 0
+    return out

@@ -25,13 +25,6 @@ FAST = ["--sft-steps", "2", "--dpo-steps", "2", "--grpo-steps", "2", "--loyalty-
         "--sft-batch-size", "4", "--dpo-batch-size", "4", "--storm-batch-size", "4"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("apt_datasets")
-    assert main(["prepare", "--tiny", "--max-samples", "60", "--output-dir", str(out)]) == 0
-    return out
-
-
 def train(out, data_dir, *extra):
     return main(["train", "--data-dir", str(data_dir), "--output-dir", str(out), *FAST, *extra])
 

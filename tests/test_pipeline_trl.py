@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from test_pipeline import FAST  # the same tiny budgets
 
 from apt_course import pipeline, pipeline_trl
 from apt_course.__main__ import main
@@ -16,18 +17,7 @@ from apt_course.pipeline import STAGES, PipelineConfig, PipelineError
 from apt_course.storm import StormConfig, noisy_completion_loss
 from apt_course.training import trl_loss_on_batch
 
-FAST = ["--sft-steps", "2", "--dpo-steps", "2", "--grpo-steps", "2", "--loyalty-steps", "2", "--loyalty-sft-steps",
-        "2", "--storm-steps", "2", "--n-eval", "6", "--grpo-prompts-per-step", "2", "--grpo-group-size", "2",
-        "--loyalty-prompts-per-step", "2", "--loyalty-group-size", "2", "--loyalty-harden-steps", "2",
-        "--sft-batch-size", "4", "--dpo-batch-size", "4", "--storm-batch-size", "4"]
 DISTRIBUTED = torch.distributed.is_available() and torch.distributed.is_gloo_available()
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("apt_datasets")
-    assert main(["prepare", "--tiny", "--max-samples", "60", "--output-dir", str(out)]) == 0
-    return out
 
 
 def launch(data_dir, out, *extra, processes=2):
