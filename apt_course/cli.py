@@ -345,12 +345,15 @@ def config_from_args(args) -> PipelineConfig:
 
 
 def train(config: PipelineConfig, device=None, log=print) -> dict:
-    """Validate, run (or resume) the pipeline, print the final table; returns the history."""
+    """Validate, run (or resume) the pipeline, print the final table (once: on the main process under
+    ``accelerate launch``); returns the history."""
     from .utils import get_device, set_cpu_threads, set_seed
 
     set_cpu_threads()
     set_seed(config.seed)
     history = pipeline.run_pipeline(config, device=device or get_device(verbose=False), log=log)
+    if not pipeline.process_state().is_main_process:  # the state run_pipeline set up; every process has the history
+        return history
     log("\n" + pipeline.format_history(history))
     log(f"\nhistory: {Path(config.output_dir) / pipeline.HISTORY}")
     return history

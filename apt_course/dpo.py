@@ -271,21 +271,25 @@ def train_dpo(policy, ref, tokenizer, pairs: list[dict], config: DPOConfig = DPO
 # ---------------------------------------------------------------- the same pairs through TRL
 
 def make_trl_dpo_trainer(policy, ref, tokenizer, pairs: list[dict], beta: float, lr: float, batch_size: int,
-                         steps: int, seed: int = 0, logging_steps: int = 2, output_dir: str | None = None):
-    """TRL's ``DPOTrainer`` on the same pairs as :func:`train_dpo` (conversational: TRL applies the chat template),
-    sigmoid loss, cosine schedule, float32, quiet (its printer callback removed): the library twin that the
-    notebooks train and check against :func:`pair_loss` on one batch (``training.trl_loss_on_batch``)."""
+                         steps: int, seed: int = 0, logging_steps: int = 2, output_dir: str | None = None,
+                         explicit_prompts: bool = False, **config_overrides):
+    """TRL's ``DPOTrainer`` on the same pairs as :func:`train_dpo` (conversational: TRL applies the chat template;
+    ``explicit_prompts``: prompt strings already formatted, as the pipeline's data is), sigmoid loss, cosine
+    schedule, float32, quiet (its printer callback removed): the library twin that the notebooks train and check
+    against :func:`pair_loss` on one batch (``training.trl_loss_on_batch``). ``config_overrides`` are further
+    ``trl.DPOConfig`` fields, winning over these (the pipeline's ``loss_type=["sigmoid", "sft"]``, ``bf16``, ...)."""
     import trl
     from transformers import PrinterCallback
 
-    args = trl.DPOConfig(output_dir=output_dir or os.path.join(tempfile.gettempdir(), "apt_course_trl_dpo"),
-                         beta=beta, learning_rate=lr, per_device_train_batch_size=batch_size, max_steps=steps,
-                         lr_scheduler_type="cosine", report_to="none",
-                         use_cpu=next(policy.parameters()).device.type == "cpu", bf16=False,
-                         gradient_checkpointing=False, save_strategy="no", logging_steps=logging_steps,
-                         disable_tqdm=True, seed=seed)
-    trainer = trl.DPOTrainer(model=policy, ref_model=ref, args=args, processing_class=tokenizer,
-                             train_dataset=to_trl_preference_dataset(pairs))
+    settings = dict(output_dir=output_dir or os.path.join(tempfile.gettempdir(), "apt_course_trl_dpo"),
+                    beta=beta, learning_rate=lr, per_device_train_batch_size=batch_size, max_steps=steps,
+                    lr_scheduler_type="cosine", report_to="none",
+                    use_cpu=next(policy.parameters()).device.type == "cpu", bf16=False,
+                    gradient_checkpointing=False, save_strategy="no", logging_steps=logging_steps,
+                    disable_tqdm=True, seed=seed)
+    trainer = trl.DPOTrainer(model=policy, ref_model=ref, args=trl.DPOConfig(**(settings | config_overrides)),
+                             processing_class=tokenizer,
+                             train_dataset=to_trl_preference_dataset(pairs, tokenizer if explicit_prompts else None))
     trainer.remove_callback(PrinterCallback)  # its log lines would fill a notebook
     return trainer
 

@@ -113,22 +113,20 @@ def train_sft(model, tokenizer, examples: list[dict], config: SFTConfig = SFTCon
 def train_dpo(policy, ref, tokenizer, pairs: list[dict], config: DPOConfig = DPOConfig(), output_dir=None) -> dict:
     """:func:`apt_course.dpo.train_dpo` (sigmoid or IPO, plus the NLL term ``sft_weight``) through ``trl.DPOTrainer``;
     returns ``{"step", "loss", "margin"}``."""
-    import trl
-
-    from .data import to_trl_preference_dataset
+    from .dpo import make_trl_dpo_trainer
 
     if config.loss_type not in ("sigmoid", "ipo"):
         raise ValueError(f"the TRL path runs DPO's sigmoid or ipo loss, got loss_type {config.loss_type!r}")
     losses, weights = [config.loss_type], [1.0]
     if config.sft_weight:
         losses, weights = losses + ["sft"], weights + [config.sft_weight]
-    args = trl.DPOConfig(**common_args(policy, output_dir, "dpo"), beta=config.beta, loss_type=losses,
-                         loss_weights=weights, max_steps=config.steps,
-                         per_device_train_batch_size=per_device(config.batch_size), learning_rate=config.lr,
-                         warmup_steps=config.warmup, weight_decay=config.weight_decay, lr_scheduler_type="cosine",
-                         seed=config.seed, max_length=min(tokenizer.model_max_length, 1024))
-    trainer = trl.DPOTrainer(model=copy.deepcopy(policy), ref_model=ref, args=args, processing_class=tokenizer,
-                             train_dataset=to_trl_preference_dataset(pairs, tokenizer))
+    args = common_args(policy, output_dir, "dpo")
+    trainer = make_trl_dpo_trainer(copy.deepcopy(policy), ref, tokenizer, pairs, config.beta, config.lr,
+                                   per_device(config.batch_size), config.steps, seed=config.seed,
+                                   logging_steps=args.pop("logging_steps"), output_dir=args.pop("output_dir"),
+                                   explicit_prompts=True, **args, loss_type=losses,
+                                   loss_weights=weights, warmup_steps=config.warmup, weight_decay=config.weight_decay,
+                                   max_length=min(tokenizer.model_max_length, 1024))
     return run_trainer(trainer, policy, {"loss": "loss", "margin": "rewards/margins"})
 
 

@@ -77,6 +77,7 @@ def test_two_processes_train_once_data_parallel(data_dir, tmp_path):
         assert r["num_processes"] == 2 and r["steps"] == 2 and math.isfinite(r["final_loss"])
         assert (out / f"{r['stage']}_model" / "model.safetensors").is_file()
     assert sorted(p.name for p in out.iterdir()) == ["dpo_model", "sft_model", pipeline.HISTORY]
+    assert done.stdout.count(f"history: {out / pipeline.HISTORY}") == 1, "the final table is printed once, not per process"
 
 
 @pytest.mark.skipif(not DISTRIBUTED, reason="torch.distributed with the gloo backend is unavailable")
