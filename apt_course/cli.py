@@ -12,7 +12,7 @@ import argparse
 import json
 import random
 import re
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 from . import pipeline
@@ -285,6 +285,10 @@ HELP = {"output_dir": "where the stage models and training_history.json go", "ba
         "skip": "stages not to run, comma-separated: sft,dpo,grpo,loyalty,storm",
         "dpo_data": "DPO pairs, several files comma-separated", "prompts": "GRPO prompts with answers",
         "owner_bonus": "loyalty bonus (default: the template's reward_bonus, else 2.0)",
+        "loyalty_sft_steps": "loyalty: SFT steps on the template's role responses before GRPO",
+        "loyalty_harden_steps": "loyalty: more template SFT after GRPO (its spoof attempts answered as the trusted "
+                                "channel says)",
+        "loyalty_dpo_steps": "loyalty: then DPO steps on the template's pairs (owner style vs not), with rehearsal",
         "internalize_cot": "storm: stepwise internalisation of the chain of thought",
         "profile": "tiny (CPU, offline), smol or gpu",
         "trainer": "scratch (the chapters' own trainers, one process) or trl (TRL's trainers: data parallel under "
@@ -303,7 +307,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         if kind == "flag":
             parser.add_argument(flag, dest=f.name, action="store_true", default=None, help=HELP.get(f.name))
         else:
-            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=HELP.get(f.name, f"(default {f.default})"))
+            default = "" if f.default in (MISSING, None) else f"(default {f.default})"
+            parser.add_argument(flag, dest=f.name, type=kind, default=None,
+                                help=f"{HELP[f.name]} {default}".strip() if f.name in HELP else default)
 
 
 def _literal(text: str):

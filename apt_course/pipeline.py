@@ -59,7 +59,7 @@ from .data import (
 from .dpo import DPOConfig, implicit_reward_accuracy, train_dpo
 from .evaluate import accuracy
 from .grpo import GRPOConfig, greedy_accuracy, train_grpo
-from .loyalty import fixed_loyalty_reward, loyalty_metrics, strip_style
+from .loyalty import OWNER_STYLE, fixed_loyalty_reward, loyalty_metrics, strip_style
 from .rewards import correctness_reward, format_reward, math_correctness_reward, math_format_reward
 from .sft import SFTConfig, heldout_loss, train_sft
 from .storm import StormConfig, evaluate_storm, train_storm
@@ -98,7 +98,10 @@ class PipelineConfig:
     group size, ``grpo_beta``; loyalty: ``loyalty_sft_steps`` of SFT on the template (the role's response under
     the trusted system message), then ``loyalty_steps`` of GRPO with ``owner_bonus`` (None: the template's
     ``reward_bonus``), ``loyalty_beta``, then ``loyalty_harden_steps`` more of the template SFT (chapter 11's
-    hardening: the template's spoof attempts, answered as the trusted channel says; 0 = none); storm: ``noise_ratio`` r0, ``noise_schedule``, ``storm_cot`` (what the
+    hardening: the template's spoof attempts, answered as the trusted channel says; 0 = none), then
+    ``loyalty_dpo_steps`` of DPO with the NLL term (``loyalty_dpo_lr``, ``dpo_beta``, ``dpo_batch_size``) on the template's pairs,
+    whose two responses differ only in the owner's style (the gradient lands on the one choice a spoof wins), with
+    as many of the SFT data's plain rows as rehearsal pairs (the plain answer over the same in owner style); storm: ``noise_ratio`` r0, ``noise_schedule``, ``storm_cot`` (what the
     storm stage trains: ``"answer"`` the answer alone, ``"explicit"`` the written chain, ``"internalise"``),
     ``internalize_cot`` (= ``storm_cot="internalise"``, stepwise internalisation), ``storm_replay``: rehearsal rows
     from the SFT data per reasoning row (the tiny model forgets its other skills in a few dozen storm steps
@@ -143,6 +146,8 @@ class PipelineConfig:
     loyalty_sft_steps: int = 24
     loyalty_sft_lr: float = 1e-3
     loyalty_harden_steps: int = 60
+    loyalty_dpo_steps: int = 30
+    loyalty_dpo_lr: float = 1e-3
     loyalty_steps: int = 16
     loyalty_prompts_per_step: int = 8
     loyalty_group_size: int = 6
@@ -153,7 +158,7 @@ class PipelineConfig:
     storm_steps: int = 20
     storm_epochs: float | None = None
     storm_batch_size: int = 32
-    storm_lr: float = 2e-3
+    storm_lr: float = 1e-3
     noise_ratio: float = 0.3
     noise_schedule: str = "cosine"
     storm_cot: str = "answer"
@@ -322,14 +327,19 @@ def read_loyalty_prompts(path, want_owner: bool) -> list[dict]:
 
 
 def read_template(path) -> tuple[list[dict], float]:
-    """The loyalty template -> SFT rows (the trusted role's response) and its ``reward_bonus``."""
+    """The loyalty template -> pairs (``prompt``, ``system``, ``chosen`` = the trusted role's response,
+    ``rejected`` = the other role's) and its ``reward_bonus``."""
     from .loyalty import read_loyalty_template
 
-    pairs, bonus = read_loyalty_template(path)
-    return [{"prompt": p["prompt"], "system": p["system"], "completion": p["chosen"]} for p in pairs], bonus
+    return read_loyalty_template(path)
 
 
 # ---------------------------------------------------------------- validation (before any training)
+
+def uses_template(config: PipelineConfig) -> bool:
+    """Whether the loyalty stage reads the template (its SFT, hardening or DPO steps)."""
+    return bool(config.loyalty_sft_steps or config.loyalty_harden_steps or config.loyalty_dpo_steps)
+
 
 def resolve_paths(config: PipelineConfig) -> PipelineConfig:
     """Fill every data path left None from ``config.data_dir`` (when the prepared file is there)."""
@@ -363,10 +373,10 @@ def validate(config: PipelineConfig) -> PipelineConfig:
             value = getattr(config, f"{name}_{suffix}")
             if value is not None and not value > 0:
                 raise PipelineError(f"{name}_{suffix} must be > 0, got {value!r}")
-    for key in ("loyalty_sft_steps", "loyalty_harden_steps"):
+    for key in ("loyalty_sft_steps", "loyalty_harden_steps", "loyalty_dpo_steps"):
         if not isinstance(getattr(config, key), int) or getattr(config, key) < 0:
             raise PipelineError(f"{key} must be a whole number >= 0 (0 = none), got {getattr(config, key)!r}")
-    for key in ("sft_lr", "loyalty_sft_lr", "dpo_lr", "grpo_lr", "loyalty_lr", "storm_lr", "dpo_beta", "n_eval"):
+    for key in ("sft_lr", "loyalty_sft_lr", "loyalty_dpo_lr", "dpo_lr", "grpo_lr", "loyalty_lr", "storm_lr", "dpo_beta", "n_eval"):
         if not getattr(config, key) > 0:
             raise PipelineError(f"{key} must be > 0, got {getattr(config, key)!r}")
     for key in ("grpo_group_size", "loyalty_group_size"):
@@ -395,8 +405,7 @@ def validate(config: PipelineConfig) -> PipelineConfig:
                "public_data": lambda p: read_loyalty_prompts(p, False), "reasoning_data": read_storm,
                "loyalty_template": read_template}
     for stage in config.stages():
-        needed = STAGE_DATA[stage] + (("loyalty_template",) if stage == "loyalty" and (config.loyalty_sft_steps or
-                                                                                 config.loyalty_harden_steps) else ())
+        needed = STAGE_DATA[stage] + (("loyalty_template",) if stage == "loyalty" and uses_template(config) else ())
         for key in needed:
             flag = "--" + key.replace("_", "-")
             value = getattr(config, key)
@@ -607,9 +616,11 @@ class Pipeline:
         p_train, p_test = split_heldout(public, public_path, lambda p: read_loyalty_prompts(p, False), c.n_eval,
                                         c.seed)
         train, test = o_train + p_train, o_test + p_test
-        bonus, template_rows = c.owner_bonus, []
-        if c.loyalty_template and (c.loyalty_sft_steps or c.loyalty_harden_steps):
-            template_rows, template_bonus = read_template(_files(c.loyalty_template)[0])
+        bonus, template_pairs, template_rows = c.owner_bonus, [], []
+        if c.loyalty_template and uses_template(c):
+            template_pairs, template_bonus = read_template(_files(c.loyalty_template)[0])
+            template_rows = [{"prompt": p["prompt"], "system": p["system"], "completion": p["chosen"]}
+                             for p in template_pairs]
             bonus = template_bonus if bonus is None else bonus
         bonus = 2.0 if bonus is None else bonus
         mt = self.max_new_tokens
@@ -622,11 +633,10 @@ class Pipeline:
             return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
 
         before = measure(model)
-        sft_h, harden_h, t0 = {}, {}, time.perf_counter()
-        if template_rows:
-            if c.sft_data:  # rehearsal: as many of the SFT data's plain rows, so the roles do not crowd out the rest
-                plain = [r for r in self.sft_heldout()[0] if not r.get("system")]
-                template_rows = template_rows + random.Random(c.seed).sample(plain, min(len(plain), len(template_rows)))
+        sft_h, harden_h, dpo_h, t0 = {}, {}, {}, time.perf_counter()
+        plain = [r for r in self.sft_heldout()[0] if not r.get("system")] if template_rows and c.sft_data else []
+        if plain:  # rehearsal: as many of the SFT data's plain rows, so the roles do not crowd out the rest
+            template_rows = template_rows + random.Random(c.seed).sample(plain, min(len(plain), len(template_rows)))
         if template_rows and c.loyalty_sft_steps:
             sft_h = self.train("sft", model, tok, template_rows, SFTConfig(
                 steps=c.loyalty_sft_steps, batch_size=c.sft_batch_size, lr=c.loyalty_sft_lr, warmup=0, seed=c.seed))
@@ -648,6 +658,16 @@ class Pipeline:
             harden_h = self.train("sft", model, tok, template_rows, SFTConfig(
                 steps=c.loyalty_harden_steps, batch_size=c.sft_batch_size, lr=c.loyalty_sft_lr, warmup=0,
                 seed=c.seed + 7))
+        if template_pairs and c.loyalty_dpo_steps:
+            # chosen and rejected differ only in the owner's style: the gradient lands on the one choice a spoof wins.
+            # Rehearsal pairs: a plain request (no trusted owner) answered plainly rather than in the owner's style;
+            # their NLL term keeps the answers.
+            rehearse = random.Random(c.seed + 3).sample(plain, min(len(plain), len(template_pairs)))
+            pairs = template_pairs + [{"prompt": r["prompt"], "chosen": r["completion"],
+                                       "rejected": OWNER_STYLE + r["completion"]} for r in rehearse]
+            dpo_h = self.train("dpo", model, copy.deepcopy(model).eval(), tok, pairs, DPOConfig(
+                steps=c.loyalty_dpo_steps, batch_size=c.dpo_batch_size, lr=c.loyalty_dpo_lr, beta=c.dpo_beta,
+                sft_weight=1.0, warmup=0, seed=c.seed + 9))
         train_seconds = time.perf_counter() - t0
         after = measure(model)
         return {"train_seconds": round(train_seconds, 2), "dataset": [str(owner_path), str(public_path)] + ([str(c.loyalty_template)] if template_rows else []),
@@ -655,6 +675,8 @@ class Pipeline:
                 c.loyalty_sft_steps if template_rows else 0, "template_sft_final_loss": _last(sft_h, "loss"),
                 "harden_steps": c.loyalty_harden_steps if template_rows else 0,
                 "harden_final_loss": _last(harden_h, "loss"),
+                "template_dpo_steps": c.loyalty_dpo_steps if template_pairs else 0,
+                "template_dpo_final_loss": _last(dpo_h, "loss"),
                 "owner_bonus": bonus, "epochs": steps * c.loyalty_prompts_per_step / len(cols),
                 "final_loss": _last(h, "loss"), "reward": _last(h, "reward_mean"), "kl": _last(h, "kl"),
                 "headline": "gap", "before": before, "after": after,

@@ -11,5 +11,5 @@ python -m apt_course prepare --tiny --output-dir "$WORK/data"
   --dpo-steps 4 --dpo-batch-size 4 --dpo-lr 1e-5 \
   --grpo-steps 3 --grpo-prompts-per-step 2 --grpo-group-size 4 --grpo-lr 1e-6 \
   --loyalty-sft-steps 4 --loyalty-sft-lr 2e-5 --loyalty-steps 3 --loyalty-prompts-per-step 2 \
-  --loyalty-group-size 4 --loyalty-lr 1e-6 --loyalty-harden-steps 4 \
+  --loyalty-group-size 4 --loyalty-lr 1e-6 --loyalty-harden-steps 4 --loyalty-dpo-steps 2 --loyalty-dpo-lr 1e-5 \
   --storm-steps 4 --storm-batch-size 4 --storm-lr 1e-5 2>&1 | grep -v "it/s\]"

@@ -22,7 +22,7 @@ FIXTURES = ROOT / "tests" / "fixtures"
 FAST = ["--sft-steps", "2", "--dpo-steps", "2", "--grpo-steps", "2", "--loyalty-steps", "2", "--loyalty-sft-steps",
         "2", "--storm-steps", "2", "--n-eval", "6", "--grpo-prompts-per-step", "2", "--grpo-group-size", "2",
         "--loyalty-prompts-per-step", "2", "--loyalty-group-size", "2", "--loyalty-harden-steps", "2",
-        "--sft-batch-size", "4", "--dpo-batch-size", "4", "--storm-batch-size", "4"]
+        "--loyalty-dpo-steps", "2", "--sft-batch-size", "4", "--dpo-batch-size", "4", "--storm-batch-size", "4"]
 
 
 def train(out, data_dir, *extra):
@@ -121,6 +121,7 @@ def test_train_every_stage_then_report(data_dir, tmp_path, capsys):
         assert r["headline"] in r["before"] and r["headline"] in r["after"] and "general_acc" in r["after"]
     assert history["stages"][1]["input_model"].endswith("sft_model")
     assert {"reward", "kl"} <= set(history["stages"][2]) and "spoof_rate" in history["stages"][3]["after"]
+    assert history["stages"][3]["template_dpo_steps"] == 2 and history["stages"][3]["template_dpo_final_loss"] > 0
     table = capsys.readouterr().out
     assert "verifiable_acc" in table and "gap" in table
     assert main(["report", str(out)]) == 0
@@ -144,6 +145,7 @@ def test_train_with_skip(data_dir, tmp_path, skip):
     (["--base-model", "/nonexistent/model"], "no model there"),
     (["--overrides", "sft_setps=3"], "unknown config key"),
     (["--noise-ratio", "2.0"], "r0 must be"),
+    (["--loyalty-dpo-steps", "-1"], "loyalty_dpo_steps must be a whole number >= 0"),
 ])
 def test_bad_input_is_refused_before_training(data_dir, tmp_path, capsys, args, message):
     out = tmp_path / "run"

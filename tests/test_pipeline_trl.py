@@ -44,6 +44,7 @@ def test_every_stage_trains_through_trl(data_dir, tmp_path):
     grpo, loyalty, storm = history["stages"][2:]
     assert math.isfinite(grpo["reward"]) and math.isfinite(loyalty["kl"])  # loyalty's beta > 0: TRL logs the KL
     assert math.isfinite(loyalty["template_sft_final_loss"]) and math.isfinite(loyalty["harden_final_loss"])
+    assert loyalty["template_dpo_steps"] == 2 and math.isfinite(loyalty["template_dpo_final_loss"])
     assert storm["curve"]["ratio"][0] == pytest.approx(0.3) and "clean_loss" in storm["curve"]
     assert not (out / ".trl").exists(), "the TRL trainers' scratch folders (and GRPO's reference) are removed"
 
