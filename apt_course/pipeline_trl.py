@@ -42,10 +42,10 @@ from .storm import (
     check_ratio,
     check_schedule,
     curriculum_stage,
+    n_curriculum_stages,
     noise_ratio,
     noisy_completion_loss,
-    removed_steps,
-    staged_completion,
+    storm_target,
 )
 from .utils import bf16_supported
 
@@ -221,15 +221,13 @@ def storm_rows(records: list[dict], config: StormConfig, global_batch: int) -> l
     """The SFT rows :func:`~apt_course.storm.train_storm` would draw, step after step (its seeded sampling, its
     curriculum stage per step), ``global_batch`` rows a step: fed in this order, each optimiser step sees its stage."""
     rng = random.Random(config.seed)
-    n_stages = config.n_stages or min(8, max(len(r["steps"]) for r in records))
+    n_stages = n_curriculum_stages(records, config.n_stages)
     rows = []
     for step in range(config.steps):
         stage = curriculum_stage(step / max(1, config.steps - 1), n_stages) if config.cot == "internalise" else 0
         picked = rng.sample(records, min(global_batch, len(records)))
         for r in (picked * global_batch)[:global_batch]:  # a data-parallel global batch may round up past the rows
-            target = r["answer"] if config.cot == "answer" else \
-                staged_completion(r, removed_steps(len(r["steps"]), stage, n_stages))
-            rows.append({"prompt": r["problem"], "completion": target})
+            rows.append({"prompt": r["problem"], "completion": storm_target(r, config.cot, stage, n_stages)})
     return rows
 
 

@@ -203,6 +203,19 @@ def staged_completion(record: dict, removed: int) -> str:
     return THINK + record.get("step_sep", "\n").join(steps[removed:]) + END_THINK + record["answer"]
 
 
+def n_curriculum_stages(records: list[dict], n_stages: int | None = None) -> int:
+    """The curriculum's stage count: ``n_stages`` when given, else one per step of the longest chain (at most 8)."""
+    return n_stages or min(8, max(len(r["steps"]) for r in records))
+
+
+def storm_target(record: dict, cot: str, stage: int, n_stages: int) -> str:
+    """What ``record`` trains on at curriculum ``stage``: the answer alone (``cot="answer"``), else its chain with
+    the first :func:`removed_steps` steps dropped (:func:`staged_completion`; stage 0 keeps them all)."""
+    if cot == "answer":
+        return record["answer"]
+    return staged_completion(record, removed_steps(len(record["steps"]), stage, n_stages))
+
+
 # ---------------------------------------------------------------- the trainer
 
 @dataclass
@@ -264,7 +277,7 @@ def train_storm(model, tokenizer, records: list[dict], config: StormConfig = Sto
     records = validate_storm_records(records)
     device = next(model.parameters()).device
     prompts = [format_prompt(tokenizer, r["problem"]) for r in records]
-    n_stages = config.n_stages or min(8, max(len(r["steps"]) for r in records))
+    n_stages = n_curriculum_stages(records, config.n_stages)
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     noise_gen = torch.Generator(device=device).manual_seed(config.seed)
@@ -280,13 +293,7 @@ def train_storm(model, tokenizer, records: list[dict], config: StormConfig = Sto
             ratio = noise_ratio(t, config.r0, config.schedule)
             stage = curriculum_stage(t, n_stages) if config.cot == "internalise" else 0
             idx = rng.sample(range(len(records)), min(config.batch_size, len(records)))
-            targets = []
-            for i in idx:
-                r = records[i]
-                if config.cot == "answer":
-                    targets.append(r["answer"])
-                else:
-                    targets.append(staged_completion(r, removed_steps(len(r["steps"]), stage, n_stages)))
+            targets = [storm_target(records[i], config.cot, stage, n_stages) for i in idx]
             batch = build_batch(tokenizer, [prompts[i] for i in idx], targets, device=device,
                                 max_length=config.max_length)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
