@@ -37,8 +37,8 @@ class Profile:
     """name; model: Hub id or local folder (None = the tiny checkpoints); datasets: role -> Hub id;
     reward_model: a trained reward model (Hub id or folder) for online RLHF (chapter 06; None = the tiny RM);
     scale: multiplier a chapter may apply to its step budgets; max_new_tokens for generation; cpu_threads: torch's
-    CPU threads in the notebooks (raise it on a quiet many-core machine, e.g.
-    ``APT_COURSE_PROFILE_OVERRIDES='{"smol": {"cpu_threads": 8}}'``)."""
+    CPU threads in the notebooks, 0 = every core (``APT_COURSE_THREADS=1`` pins one, as CI does when it runs two
+    notebooks at a time)."""
 
     name: str
     description: str
@@ -66,9 +66,9 @@ PROFILES = {
         model=SMOL_MODEL,
         scale=1.0,
         max_new_tokens=32,
-        # one thread: measured on 2 cores beside another busy process (CI runs two notebooks at a time), two
-        # threads made evaluation several times slower than one
-        cpu_threads=1,
+        # every core: a learner alone with a 4-8-core laptop gets them. CI pins one (APT_COURSE_THREADS=1): beside
+        # another busy notebook on 2 cores, two threads made evaluation several times slower than one
+        cpu_threads=0,
     ),
     "gpu": Profile(
         "gpu",
@@ -184,7 +184,8 @@ def apply_environment(profile: Profile) -> Profile:
 def load_model(profile: Profile | str, stage: str = "sft", device: torch.device | str = "cpu",
                dtype: torch.dtype | None = None):
     """``(model, tokenizer)`` for a profile: the tiny checkpoint ``stage`` ("base"/"sft"), or the
-    profile's model (which is already instruction-tuned, so ``stage`` does not change it)."""
+    profile's model (which is already instruction-tuned, so ``stage`` does not change it). On ``smol`` the model
+    runs in bf16 where the CPU has it (:func:`cpu_precision`)."""
     if isinstance(profile, str):
         profile = get_profile(profile)
     if profile.model is None:
@@ -196,4 +197,27 @@ def load_model(profile: Profile | str, stage: str = "sft", device: torch.device 
         from .real_model import check_model_folder
 
         check_model_folder(model)
-    return load_pretrained(model, device=device, dtype=dtype)
+    model, tokenizer = load_pretrained(model, device=device, dtype=dtype)
+    return cpu_precision(model, profile, device), tokenizer
+
+
+_PRECISION_SAID: set[str] = set()
+
+
+def cpu_precision(model, profile: Profile | str, device: torch.device | str = "cpu"):
+    """``model`` set to the precision the profile runs at on a CPU: on ``smol``, bf16 autocast
+    (:func:`~apt_course.utils.use_cpu_bf16`) when the CPU computes bf16 natively, float32 otherwise (said once).
+    The tiny model, GPUs and float32 weights asked for by ``dtype`` are left as they are. Returns the model."""
+    from .utils import cpu_bf16_supported, use_cpu_bf16
+
+    name = profile if isinstance(profile, str) else profile.name
+    if name != "smol" or torch.device(device).type != "cpu" or next(model.parameters()).dtype != torch.float32:
+        return model
+    fast = cpu_bf16_supported()
+    if name not in _PRECISION_SAID:
+        _PRECISION_SAID.add(name)
+        print("precision: bf16 autocast (this CPU computes bf16 natively; weights, gradients and optimiser state "
+              "stay float32)" if fast else
+              "precision: float32 (this CPU has no native bf16 (AVX-512-BF16/AMX), where it would be slower; "
+              "expect the smol chapters to take about 1.5x the README's times)")
+    return use_cpu_bf16(model) if fast else model

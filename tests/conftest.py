@@ -9,6 +9,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:  # notebooks side by side: one thread each, or the
+    os.environ.setdefault("APT_COURSE_THREADS", "1")  # real-model chapters (every core by default) fight for them
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # so that `import solutions.chNN` works
