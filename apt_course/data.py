@@ -399,6 +399,7 @@ def load_rlhf_data(profile, n_train: int = 400, n_test: int = 64, seed: int = 0,
     """Prompts and a ground truth for a profile: ``{"train", "test", "quality"}`` (prompt strings).
 
     tiny: greeting prompts (train; the held-out test split for ``test``) and ``quality = is_polite``.
+    smol (no ``preference`` dataset): English sums asked plainly, ``quality`` = the reply's number is the sum.
     gpu: single-turn Anthropic/hh-rlhf prompts of at most ``max_prompt_chars`` characters (the profile's
     ``preference`` dataset through :func:`hh_rlhf_to_pairs`); there is no ground
     truth there, so ``quality`` is None and the chapter reports the RM score, the KL and the reply length.
@@ -407,6 +408,15 @@ def load_rlhf_data(profile, n_train: int = 400, n_test: int = 64, seed: int = 0,
     if profile.model is None:
         return {"train": world.greeting_prompts(n_train, "train", seed=seed),
                 "test": world.greeting_prompts(n_test, "test", seed=123), "quality": world.is_polite}
+    if english_world(profile, "preference"):  # smol: English sums asked plainly; the checker is the ground truth
+        train, test = world.english_sums("train", "", seed=seed)[:n_train], world.english_sums("test", "", seed=123)[:n_test]
+        answers = {r["prompt"]: r["answer"] for r in train + test}
+
+        def right_sum(prompt: str, reply: str) -> bool:
+            """The ground truth the RM only approximates: the reply's (last) number is the sum."""
+            return math_correctness_reward(None, [reply], [answers[prompt]])[0] == 1.0
+
+        return {"train": [r["prompt"] for r in train], "test": [r["prompt"] for r in test], "quality": right_sum}
 
     def prompts(split, n):
         rows = load_hub_dataset(dataset_of(profile, "preference"), f"{split}[:{4 * n}]")

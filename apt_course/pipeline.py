@@ -63,7 +63,7 @@ from .loyalty import OWNER_STYLE, fixed_loyalty_reward, loyalty_metrics, strip_s
 from .rewards import correctness_reward, format_reward, math_correctness_reward, math_format_reward
 from .sft import SFTConfig, heldout_loss, train_sft
 from .storm import StormConfig, evaluate_storm, train_storm
-from .utils import write_atomic
+from .utils import process_state, write_atomic
 
 STAGES = ("sft", "dpo", "grpo", "loyalty", "storm")
 HISTORY = "training_history.json"
@@ -199,17 +199,6 @@ def parse_skip(text) -> list[str]:
     return names
 
 
-def process_state(cpu: bool = False):
-    """accelerate's ``PartialState``: the number of processes running this pipeline (``accelerate launch``), which
-    one is the main one, each one's device (one process, the main one, when nothing launched it). Set up once per
-    process, by the first call: ``cpu=True`` (or ``accelerate launch --cpu``) keeps it off the GPU, and processes
-    without a GPU talk over gloo."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    return PartialState(cpu=cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
-
-
 def write_json_atomic(path, obj) -> Path:
     """Write ``obj`` as JSON to ``path`` atomically (:func:`~apt_course.utils.write_atomic`): a reader (or a run
     killed mid-write) sees the old file or the new one, never half of one."""
@@ -270,7 +259,8 @@ def _files(value) -> list[Path]:
 # ---------------------------------------------------------------- readers of the unified formats
 
 def read_sft(path) -> list[dict]:
-    """SFT records ``{"prompt", "response", "source"}`` (``completion``/``answer`` accepted for response) ->
+    """SFT records ``{"prompt", "response", "source"}`` (``completion``/``answer`` accepted for response; the APT
+    instruction format ``instruction``/``input``/``output`` too, ``input`` joined after a blank line) ->
     ``{"prompt", "completion", "answer"}`` (``answer`` = the response, what exact-match accuracy compares)."""
     out = []
     for i, r in enumerate(read_records(path, "SFT")):
@@ -278,6 +268,9 @@ def read_sft(path) -> list[dict]:
         prompt = r.get("prompt", r.get("instruction"))
         if not isinstance(prompt, str) or not prompt.strip() or response is None or not str(response).strip():
             raise ValueError(f"SFT file {path} row {i}: needs a non-empty 'prompt' and 'response'; it has {sorted(r)}")
+        extra = str(r.get("input") or "").strip()  # the APT/Alpaca 'input' (the list to sort...), as coig_to_sft joins it
+        if extra and "prompt" not in r:
+            prompt = f"{prompt.strip()}\n\n{extra}"
         row = {"prompt": prompt, "completion": str(response), "answer": str(response).strip()}
         if r.get("system"):
             row["system"] = r["system"]

@@ -35,7 +35,6 @@ from trl import SFTTrainer
 from .dpo import DPOConfig
 from .grpo import GRPOConfig
 from .lm import completion_loss
-from .pipeline import process_state
 from .sft import SFTConfig, TRLSFTConfig, make_trl_sft_trainer, to_trl_dataset
 from .storm import (
     StormConfig,
@@ -47,7 +46,7 @@ from .storm import (
     noisy_completion_loss,
     storm_target,
 )
-from .utils import bf16_supported
+from .utils import bf16_supported, process_state
 
 # ---------------------------------------------------------------- shared plumbing
 

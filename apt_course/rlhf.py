@@ -288,7 +288,8 @@ def rm_reward_fn(rm, rm_tokenizer):
 
 
 def load_rlhf_reward_fn(profile, device="cpu", reward_model: str | None = None, dtype=None):
-    """``reward_fn(prompts, completions) -> tensor (N,)`` for a profile: the shipped tiny RM (``tiny``), or
+    """``reward_fn(prompts, completions) -> tensor (N,)`` for a profile: the shipped tiny RM (``tiny``), the
+    shipped SmolLM2 RM adapter (``smol``: :func:`~apt_course.reward_model.load_smol_reward_model`), or
     ``reward_model`` / the profile's ``reward_model`` (a Hub id, or a folder such as the RM chapter 05 trained
     and saved with ``save_pretrained``), loaded by :func:`~apt_course.reward_model.load_reward_model`."""
     from .checkpoints import checkpoint_path
@@ -296,6 +297,11 @@ def load_rlhf_reward_fn(profile, device="cpu", reward_model: str | None = None, 
     from .reward_model import load_reward_model
 
     profile = get_profile(profile) if isinstance(profile, str) else profile
+    if profile.name == "smol" and not reward_model and not profile.reward_model:  # chapter 05's RM of SmolLM2
+        from .reward_model import load_smol_reward_model
+
+        rm, rm_tokenizer = load_smol_reward_model(device=device)
+        return rm_reward_fn(rm.requires_grad_(False), rm_tokenizer)
     name = reward_model or profile.reward_model or checkpoint_path("rm")
     rm, rm_tokenizer = load_reward_model(name, device=device, dtype=dtype)
     return rm_reward_fn(rm.requires_grad_(False), rm_tokenizer)

@@ -200,6 +200,32 @@ def add_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.0,
     return get_peft_model(model, config)
 
 
+class AdapterOff:
+    """The frozen reference of a LoRA policy without a second copy of the model: the same ``PeftModel`` called
+    with its adapters switched off (``disable_adapter()``), i.e. the starting model W x exactly. Pass it where a
+    trainer wants ``ref_model``; ``eval()`` and ``requires_grad_()`` leave the shared weights alone (the policy
+    still trains through them)."""
+
+    def __init__(self, peft_model):
+        if not hasattr(peft_model, "disable_adapter"):
+            raise TypeError(f"AdapterOff needs a PEFT model (from add_lora), got {type(peft_model).__name__}: "
+                            "without adapters there is nothing to switch off; pass a frozen copy as the reference")
+        self.model = peft_model
+
+    def __call__(self, *args, **kwargs):
+        with self.model.disable_adapter():
+            return self.model(*args, **kwargs)
+
+    def eval(self):
+        return self
+
+    def requires_grad_(self, requires_grad: bool = True):
+        return self
+
+    def parameters(self):
+        return self.model.parameters()
+
+
 def merge_and_save(peft_model, tokenizer, path) -> Path:
     """Fold the adapters into the weights (W ← W + (alpha/r) B A) and save a plain model ``from_pretrained``
     loads with no PEFT at all."""

@@ -163,6 +163,18 @@ def setup_notebook(seed: int = 0, threads: int | None = 1, device: str | None = 
     return chosen
 
 
+def process_state(cpu: bool = False):
+    """accelerate's ``PartialState``: the number of processes running this pipeline (``accelerate launch``), which
+    one is the main one, each one's device (one process, the main one, when nothing launched it). Set up once per
+    process, by the first call: ``cpu=True`` (or ``accelerate launch --cpu``) keeps it off the GPU, and processes
+    without a GPU talk over gloo. Here, not in :mod:`apt_course.pipeline`, so that the pipeline and its TRL twin
+    (:mod:`apt_course.pipeline_trl`) share it without importing each other."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def repo_root() -> Path | None:
     """The course checkout this package was loaded from, if it was (editable install or source tree)."""
     here = Path(__file__).resolve().parent.parent

@@ -254,3 +254,26 @@ def test_a_stage_starts_under_accelerate_launch(data_dir, tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert json.loads((out / pipeline.HISTORY).read_text())["stages"][0]["stage"] == "sft"
+
+
+def test_an_apt_instruction_keeps_its_input(tmp_path):
+    from apt_course.pipeline import read_sft
+
+    path = tmp_path / "instructions.json"
+    path.write_text(json.dumps([{"instruction": "sort these numbers", "input": "3 1 2", "output": "1 2 3"},
+                                {"instruction": "say hi", "input": "", "output": "hi"}]))
+    rows = read_sft(path)
+    assert rows[0]["prompt"] == "sort these numbers\n\n3 1 2" and rows[0]["completion"] == "1 2 3"
+    assert rows[1]["prompt"] == "say hi"
+
+
+def test_the_pipeline_and_its_trl_twin_do_not_import_each_other():
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "apt_course"
+    for name, other in (("pipeline_trl", "pipeline"),):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level
+                     and not node.module for alias in node.names}
+        assert other not in imported, f"{name} imports {other}: shared state belongs in a module both import"

@@ -10,7 +10,13 @@ from apt_course import profiles
 from apt_course.checkpoints import load_checkpoint
 from apt_course.lm import build_batch, completion_loss, generate
 from apt_course.sft import add_lora
-from apt_course.utils import available_cores, cpu_bf16_supported, model_precision, set_cpu_threads, use_cpu_bf16
+from apt_course.utils import (
+    available_cores,
+    cpu_bf16_supported,
+    model_precision,
+    set_cpu_threads,
+    use_cpu_bf16,
+)
 
 
 @pytest.fixture
@@ -85,3 +91,23 @@ def test_threads_every_core_for_a_real_model_one_for_tiny_and_pinned_by_the_envi
         assert set_cpu_threads(0) == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_adapter_off_is_the_starting_model_and_never_freezes_the_policy(tiny):
+    from apt_course.sft import AdapterOff
+
+    model, tok, batch = tiny
+    start = _loss(model, batch)[0]
+    policy = add_lora(copy.deepcopy(model), r=2, alpha=4, target_modules=("q_proj", "v_proj"))
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # the adapters now change the output
+    ref = AdapterOff(policy).eval().requires_grad_(False)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    assert trainable, "requires_grad_(False) on the reference must not freeze the policy's adapters"
+    with torch.no_grad():
+        assert torch.allclose(ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, start,
+                              atol=1e-5)
+        assert not torch.allclose(_loss(policy, batch)[0], start, atol=1e-3)
+    with pytest.raises(TypeError, match="PEFT model"):
+        AdapterOff(model)
