@@ -8,10 +8,15 @@ The NLL term is ordinary SFT on the chosen answers; the odds-ratio term pushes t
 below the chosen one's. There is no reference model, so one model, one optimiser and one forward pass (chosen
 and rejected rows together) per step. TRL's ``trl.experimental.orpo.ORPOTrainer`` computes the same loss
 (its ``beta`` is the paper's λ); it takes the NLL over the prompt tokens too, which ``nll_on_prompt=True`` reproduces.
+
+To compare ORPO with SFT → DPO on a real model on a CPU, :func:`trainable_copies` puts every model to train on one
+copy of the weights, each its own LoRA adapter (:class:`AdapterView`), so DPO's frozen reference costs an adapter.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import random
 import time
@@ -131,11 +136,141 @@ def train_orpo(model, tokenizer, pairs: list[dict], config: ORPOConfig = ORPOCon
 
 def training_state_bytes(model, optimizer_states: int = 2, reference=None) -> dict:
     """Memory a trainer holds besides activations, from counts: weights + gradients + AdamW's
-    ``optimizer_states`` tensors per weight (+ a frozen reference's weights). Bytes per element from dtypes."""
+    ``optimizer_states`` tensors per weight (+ a frozen reference's weights, those it does not share with
+    ``model``: a separate copy costs all of its weights, a LoRA reference (:class:`AdapterView`) only its
+    adapter). Bytes per element from dtypes."""
     params = [p for p in model.parameters()]
     weights = sum(p.numel() * p.element_size() for p in params)
     trainable = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
-    ref = sum(p.numel() * p.element_size() for p in reference.parameters()) if reference is not None else 0
+    shared = {id(p) for p in params}
+    ref = sum(p.numel() * p.element_size() for p in reference.parameters() if id(p) not in shared) \
+        if reference is not None else 0
     out = {"weights": weights, "gradients": trainable, "optimizer": optimizer_states * trainable, "reference": ref}
     out["total"] = sum(out.values())
     return out
+
+
+# ---------------------------------------------------------------- several models on one copy of the weights (LoRA)
+
+class AdapterView(torch.nn.Module):
+    """One model of several that share a PEFT model's weights: ``peft_model`` with only its LoRA adapter
+    ``adapter`` on, or with every adapter off (``adapter=None``: the model the adapters were added to).
+
+    It holds no weights of its own, so a second policy or a frozen reference costs an adapter, not a copy of the
+    model. Its forward pass and ``generate`` switch its adapter on for the call and switch back after;
+    ``parameters()`` are the shared frozen weights and its own adapter, so the course's trainers
+    (``train_orpo``, ``train_sft``, ``train_dpo``'s policy or reference) take it as they take a model.
+    Every adapter stays trainable (``requires_grad``); only the one switched on receives gradients.
+    """
+
+    def __init__(self, peft_model, adapter: str | None = None):
+        super().__init__()
+        if adapter is not None and adapter not in peft_model.peft_config:
+            raise ValueError(f"no adapter {adapter!r}; the model has {sorted(peft_model.peft_config)}")
+        object.__setattr__(self, "peft_model", peft_model)  # not a submodule: the view registers no weights
+        self.adapter = adapter
+        self.training = peft_model.training
+
+    def _lora_parameters(self):
+        return [p for n, p in self.peft_model.named_parameters() if "lora_" in n]
+
+    @contextlib.contextmanager
+    def active(self):
+        """Inside: ``peft_model`` computes as this view's model (its adapter on, the others off)."""
+        pm = self.peft_model
+        flags = [(p, p.requires_grad) for p in self._lora_parameters()]  # PEFT's switches reset them
+        try:
+            if self.adapter is None:
+                with pm.disable_adapter():
+                    yield pm
+            elif pm.active_adapters == [self.adapter]:
+                yield pm
+            else:
+                previous = pm.active_adapters[0]
+                pm.set_adapter(self.adapter)
+                try:
+                    yield pm
+                finally:
+                    pm.set_adapter(previous)
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+    def forward(self, *args, **kwargs):
+        with self.active() as pm:
+            return pm(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        with self.active() as pm:
+            return pm.generate(*args, **kwargs)
+
+    def get_input_embeddings(self):
+        return self.peft_model.get_input_embeddings()
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        for name, p in self.peft_model.named_parameters(prefix=prefix, remove_duplicate=remove_duplicate):
+            if "lora_" not in name or (self.adapter is not None and f".{self.adapter}." in name):
+                yield name, p
+
+    def parameters(self, recurse: bool = True):
+        for _, p in self.named_parameters():
+            yield p
+
+    def train(self, mode: bool = True):
+        self.training = mode
+        self.peft_model.train(mode)
+        return self
+
+    def __repr__(self):
+        return f"AdapterView({type(self.peft_model).__name__}, adapter={self.adapter!r})"
+
+
+def trainable_copies(model, names, lora_rank: int = 0, seed: int = 0,
+                     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")) -> dict:
+    """The models of a comparison, each starting as ``model``: ``{name: model to train}`` for every name, and
+    ``None``: the starting model itself, kept unchanged.
+
+    ``lora_rank=0``: deep copies, every weight trains. ``lora_rank=r``: one LoRA adapter of rank r (alpha = 2r,
+    B = 0 at start, so every copy computes exactly as ``model``) per name on one copy of the weights, each an
+    :class:`AdapterView`; ``None`` is the view with every adapter off. ``model`` is wrapped in place then:
+    use the returned ``None`` entry, not ``model``, as the starting model.
+    """
+    if not lora_rank:
+        return {None: model, **{name: copy.deepcopy(model) for name in names}}
+    from peft import LoraConfig, get_peft_model
+
+    def config():
+        return LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                          target_modules=list(target_modules), task_type="CAUSAL_LM")
+
+    names = list(names)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, config(), adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.add_adapter(name, config())
+    for n, p in peft_model.named_parameters():  # every adapter trainable; the views switch which one computes
+        p.requires_grad_("lora_" in n)
+    return {None: AdapterView(peft_model, None), **{name: AdapterView(peft_model, name) for name in names}}
+
+
+def copy_weights(source, target):
+    """Make ``target`` start where ``source`` ended (the DPO stage from the SFT model): their weights, or for two
+    :class:`AdapterView` of one PEFT model, ``source``'s adapter into ``target``'s. Returns ``target``."""
+    if isinstance(source, AdapterView) != isinstance(target, AdapterView):
+        raise TypeError("copy_weights needs two models or two AdapterViews of one PEFT model")
+    with torch.no_grad():
+        if not isinstance(source, AdapterView):
+            target.load_state_dict(source.state_dict())
+            return target
+        if source.peft_model is not target.peft_model or None in (source.adapter, target.adapter):
+            raise ValueError("copy_weights copies one adapter of a PEFT model into another of the same model")
+        params = dict(source.peft_model.named_parameters())
+        src_tag, dst_tag = f".{source.adapter}.", f".{target.adapter}."
+        copied = 0
+        for name, p in params.items():
+            if "lora_" in name and src_tag in name:
+                params[name.replace(src_tag, dst_tag)].copy_(p)
+                copied += 1
+        if not copied:
+            raise ValueError(f"adapter {source.adapter!r} has no LoRA weights to copy")
+    return target

@@ -114,3 +114,69 @@ def test_training_state_bytes_counts_the_reference():
     alone = orpo.training_state_bytes(model)
     assert alone == {"weights": 440, "gradients": 440, "optimizer": 880, "reference": 0, "total": 1760}
     assert orpo.training_state_bytes(model, reference=torch.nn.Linear(10, 10))["total"] == 1760 + 440
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def test_lora_copies_share_one_model_and_train_apart(tok):
+    """trainable_copies with LoRA: every view starts as the model; training one view moves it alone; the
+    frozen weights are shared (no copy), the adapters stay trainable and the PEFT model's state is restored."""
+    model = make_tiny_model(tok, seed=3)
+    pairs = world.preference_pairs(8, "train", seed=1)
+    batch = build_pair_batch(tok, pairs)
+    start = _logits(model, batch)
+    views = orpo.trainable_copies(model, ("first", "second"), lora_rank=4, seed=0)
+    base, a, b = views[None], views["first"], views["second"]
+    for view in (base, a, b):
+        assert torch.allclose(_logits(view, batch), start, atol=1e-6)  # B = 0: every copy computes as the model
+    peft_model = a.peft_model
+    shared = {id(p) for p in base.parameters()}
+    assert shared < {id(p) for p in a.parameters()} and shared < {id(p) for p in b.parameters()}
+    adapter_a = {id(p) for n, p in a.named_parameters() if "lora_" in n}
+    adapter_b = {id(p) for n, p in b.named_parameters() if "lora_" in n}
+    assert adapter_a and adapter_b and not adapter_a & adapter_b and not adapter_a & shared  # the adapters are apart
+    orpo.train_orpo(a, tok, pairs, orpo.ORPOConfig(steps=3, batch_size=8, lr=1e-2, warmup=0))
+    assert not torch.allclose(_logits(a, batch), start, atol=1e-4)  # a trained
+    assert torch.allclose(_logits(b, batch), start, atol=1e-6) and torch.allclose(_logits(base, batch), start, atol=1e-6)
+    assert all(p.requires_grad for n, p in peft_model.named_parameters() if "lora_" in n)
+    assert not any(p.requires_grad for n, p in peft_model.named_parameters() if "lora_" not in n)
+    assert peft_model.active_adapters == ["first"]  # set when the PEFT model was built; the views switched back
+    orpo.copy_weights(a, b)
+    assert torch.allclose(_logits(b, batch), _logits(a, batch), atol=1e-6)
+    state = orpo.training_state_bytes(b, reference=a)
+    adapter_bytes = sum(p.numel() * p.element_size() for p in a.parameters() if p.requires_grad)
+    assert state["reference"] == adapter_bytes and state["gradients"] == adapter_bytes  # a LoRA reference: its adapter
+    with pytest.raises(ValueError, match="no adapter"):
+        orpo.AdapterView(peft_model, "third")
+
+
+def test_adapter_off_reference_trains_dpo_as_a_separate_copy(tok):
+    """DPO with the reference = the same PEFT model with its adapter switched off takes the same steps as DPO
+    with a separate frozen copy of the starting model as the reference (the switch costs no gradient)."""
+    import copy
+
+    pairs = world.preference_pairs(16, "train", seed=2)
+    config = dpo.DPOConfig(steps=3, batch_size=8, lr=1e-2, warmup=0, sft_weight=1.0, log_every=1)
+    model = make_tiny_model(tok, seed=4)
+    separate_ref = copy.deepcopy(model)
+    views = orpo.trainable_copies(model, ("policy",), lora_rank=4, seed=0)
+    with_view = dpo.train_dpo(views["policy"], views[None], tok, pairs, config)
+    model2 = make_tiny_model(tok, seed=4)
+    views2 = orpo.trainable_copies(model2, ("policy",), lora_rank=4, seed=0)
+    with_copy = dpo.train_dpo(views2["policy"], separate_ref, tok, pairs, config)
+    assert with_view["loss"] == pytest.approx(with_copy["loss"], rel=1e-5, abs=1e-6)
+    assert with_view["margin"][-1] > 0
+
+
+def test_trainable_copies_without_lora_are_deep_copies(tok):
+    model = make_tiny_model(tok, seed=5)
+    copies = orpo.trainable_copies(model, ("x", "y"))
+    assert copies[None] is model and copies["x"] is not model and copies["x"] is not copies["y"]
+    with torch.no_grad():
+        next(copies["x"].parameters()).add_(1.0)
+    orpo.copy_weights(copies["x"], copies["y"])
+    assert torch.equal(next(copies["y"].parameters()), next(copies["x"].parameters()))
+    assert not torch.equal(next(model.parameters()), next(copies["x"].parameters()))
