@@ -15,10 +15,11 @@ The pieces, each a plain function or a small class:
 * **A/B testing** — :func:`split_traffic`, :func:`two_proportion_ztest`, :func:`sample_size_per_arm`,
   :func:`bootstrap_interval`, :func:`ab_win_rate`, and :func:`ab_test` that runs one.
 * **Feedback → DPO** — :func:`simulate_thumbs` (a user with a noisy thumb), :func:`collect_feedback` (with the
-  *regenerate* button), :func:`validate_feedback`, :func:`feedback_to_pairs`, :func:`mix_pairs` (new pairs plus a
-  replay of old ones) and :func:`dpo_round` (chapter 07's :func:`apt_course.dpo.train_dpo` on the mix, against a
-  frozen reference: the notebook keeps the first version there every round); :func:`regression_figures` is the
-  check on general ability and safety.
+  *regenerate* button, and the user's *edit*: the reply they wanted, :func:`wanted_reply`), :func:`validate_feedback`,
+  :func:`feedback_to_pairs`, :func:`mix_pairs` (new pairs plus a replay of old ones) and :func:`dpo_round` (chapter
+  07's :func:`apt_course.dpo.train_dpo` on the mix, against a frozen reference: the notebook keeps the first version
+  there every round; optionally LoRA adapters, merged before the version is served); :func:`regression_figures` is
+  the check on general ability and safety.
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ from .constitution import is_refusal, load_constitution, score_replies
 from .dpo import DPOConfig, train_dpo
 from .evaluate import accuracy
 from .model import save_model
+from .sft import add_lora
 from .tokenizer import messages_for
 from .training import progress
+from .utils import available_cores
 
 logger = logging.getLogger("apt_course.serving")
 
@@ -98,22 +101,33 @@ def check_port_free(host: str, port: int) -> None:
                                  f"with `lsof -i :{port}`). Stop it, or pass port=None to take a free port") from None
 
 
+def server_threads(threads: int | None) -> int | None:
+    """The CPU threads a server process gets, as :func:`apt_course.utils.set_cpu_threads` picks the notebook's:
+    ``$APT_COURSE_THREADS`` when set, else ``threads``, where 0 means every core available; None leaves the
+    server's own default (torch's: every core)."""
+    if threads is None:
+        return None
+    return int(os.environ.get("APT_COURSE_THREADS", "0") or 0) or threads or available_cores()
+
+
 def server_command(backend: str, model: str | None, host: str, port: int, device: str = "cpu",
-                   served_name: str | None = None) -> list[str]:
+                   served_name: str | None = None, dtype: str | None = None) -> list[str]:
     """The command line of an OpenAI-compatible server on ``host:port``.
 
     ``transformers``: ``transformers serve [MODEL]`` (without a model every request's ``model`` names the folder to
     load, and loaded versions are kept: ``--model-timeout -1``); ``vllm``: ``vllm serve``'s module, one model, served
-    under ``served_name``. Both run as ``python -m`` of the current interpreter."""
+    under ``served_name``. Both run as ``python -m`` of the current interpreter. ``dtype`` (``"bfloat16"``...) is
+    the weights' dtype in the server; None keeps the saved one (``transformers serve``'s ``auto``)."""
     if backend == "transformers":
         cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve"] + ([str(model)] if model else [])
         return cmd + ["--host", host, "--port", str(port), "--device", "auto" if device == "cuda" else str(device),
-                      "--model-timeout", "-1", "--log-level", "warning"]
+                      "--model-timeout", "-1", "--log-level", "warning"] + (["--dtype", dtype] if dtype else [])
     if backend == "vllm":
         if not model:
             raise ValueError("vLLM serves one model per server: pass the model folder")
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", host,
-                "--port", str(port), "--served-model-name", served_name or str(model)]
+                "--port", str(port), "--served-model-name", served_name or str(model)] + (
+                    ["--dtype", dtype] if dtype else [])
     raise ValueError(f"unknown server backend {backend!r}; use one of {BACKENDS}")
 
 
@@ -136,16 +150,18 @@ class ModelServer:
     :class:`ServerStartTimeout` after ``startup_timeout`` seconds (:class:`ServerError` if the process exits first),
     quoting the server's last log lines. :meth:`stop` terminates the whole process group (SIGTERM, then SIGKILL);
     it also runs at interpreter exit, and on Linux the server gets SIGTERM if the kernel that started it is killed.
-    ``command`` replaces the server's command line (tests).
+    ``command`` replaces the server's command line (tests). ``threads``: the server's CPU threads
+    (:func:`server_threads`: 0 = every core, ``$APT_COURSE_THREADS`` wins); ``dtype``: its weights' dtype
+    (:func:`server_command`).
     """
 
     def __init__(self, model: str | None = None, backend: str = "transformers", host: str = "127.0.0.1",
                  port: int | None = None, device: str = "cpu", startup_timeout: float = 120.0,
                  threads: int | None = None, served_name: str | None = None, log_path: str | Path | None = None,
-                 command: list[str] | None = None, env: dict | None = None):
+                 command: list[str] | None = None, env: dict | None = None, dtype: str | None = None):
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError(f"host {host!r}: the course serves on a loopback address only (127.0.0.1)")
-        self.backend, self.model, self.host, self.device = backend, model, host, device
+        self.backend, self.model, self.host, self.device, self.dtype = backend, model, host, device, dtype
         self.port = port
         self.startup_timeout = startup_timeout
         self.threads, self.served_name, self.command, self.extra_env = threads, served_name, command, env or {}
@@ -164,12 +180,13 @@ class ModelServer:
             self.port = free_port(self.host)
         check_port_free(self.host, self.port)
         cmd = self.command or server_command(self.backend, self.model, self.host, self.port, self.device,
-                                             self.served_name)
+                                             self.served_name, self.dtype)
         if self.log_path is None:
             self.log_path = Path(tempfile.gettempdir()) / f"apt_course_server_{self.port}.log"
         env = dict(os.environ, HF_HUB_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1", **self.extra_env)
-        if self.threads:
-            env["OMP_NUM_THREADS"] = str(self.threads)  # one CPU thread is fastest for a tiny model (utils.set_cpu_threads)
+        threads = server_threads(self.threads)
+        if threads:  # one CPU thread is fastest for a tiny model (utils.set_cpu_threads); a real one gets every core
+            env["OMP_NUM_THREADS"] = str(threads)
         if cmd[:2] == [sys.executable, "-m"]:
             cmd = [sys.executable, "-c", _LAUNCHER, str(os.getpid()), "-m"] + cmd[2:]
         self._log = open(self.log_path, "wb")
@@ -299,14 +316,16 @@ class Fleet:
 
     ``transformers``: one server holds every version (started on the first :meth:`deploy`); a request's ``model`` is
     the version's folder, loaded on first use. ``vllm``: one server per version. :meth:`deploy` ends with one warm-up
-    request, so a version's loading time never lands in a measured latency."""
+    request, so a version's loading time never lands in a measured latency. ``threads``: each server's CPU threads
+    (:func:`server_threads`: 0 = every core); ``dtype``: the weights' dtype in the servers (``"bfloat16"`` serves a
+    float32 checkpoint in bf16; None keeps the saved dtype)."""
 
     def __init__(self, backend: str = "transformers", device: str = "cpu", startup_timeout: float = 120.0,
-                 threads: int | None = None, timeout: float = 30.0):
+                 threads: int | None = None, timeout: float = 30.0, dtype: str | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"unknown server backend {backend!r}; use one of {BACKENDS}")
         self.backend, self.device, self.startup_timeout = backend, device, startup_timeout
-        self.threads, self.timeout = threads, timeout
+        self.threads, self.timeout, self.dtype = threads, timeout, dtype
         self.servers: dict[str, ModelServer] = {}
         self.endpoints: dict[str, Endpoint] = {}
 
@@ -317,11 +336,11 @@ class Fleet:
                                     "(save_for_serving)")
         if self.backend == "transformers" and "shared" not in self.servers:
             self.servers["shared"] = ModelServer(None, "transformers", device=self.device, threads=self.threads,
-                                                 startup_timeout=self.startup_timeout,
+                                                 startup_timeout=self.startup_timeout, dtype=self.dtype,
                                                  env={"HF_HUB_OFFLINE": "1"}).start()
         if self.backend == "vllm":
             self.servers[name] = ModelServer(str(folder), "vllm", device=self.device, served_name=name,
-                                             startup_timeout=self.startup_timeout).start()
+                                             startup_timeout=self.startup_timeout, dtype=self.dtype).start()
         server = self.servers["shared" if self.backend == "transformers" else name]
         model = str(folder) if self.backend == "transformers" else name
         endpoint = Endpoint(name, make_client(server.base_url, self.timeout), model)
@@ -728,12 +747,23 @@ def simulate_thumbs(row: dict, reply: str, noise: float, rng: random.Random) -> 
     return "up" if good != (rng.random() < noise) else "down"
 
 
+def wanted_reply(row: dict) -> str | None:
+    """The reply a user who knows the answer would type in place of a wrong one: the row's ground-truth ``answer``
+    (an English sum's bare number, a task's exact answer); None where there is none (a greeting)."""
+    answer = row.get("answer")
+    return str(answer) if answer is not None and row.get("kind") in ("sum", "task") else None
+
+
 def collect_feedback(endpoint: Endpoint, rows: list[dict], noise: float = 0.1, max_regenerations: int = 2,
-                     seed: int = 0, **load_kwargs) -> list[dict]:
+                     seed: int = 0, edit_rate: float = 0.0, **load_kwargs) -> list[dict]:
     """Users ask ``rows``, thumb each reply (:func:`simulate_thumbs`), and press *regenerate* after a thumbs-down, up to
-    ``max_regenerations`` times. Returns the feedback log: one row per reply, ``{"prompt", "reply", "thumbs",
-    "version", "attempt"}`` plus the request's other fields (``system``, ``kind``, ...). Failed requests are logged
-    by :func:`send_request` and left out."""
+    ``max_regenerations`` times. With ``edit_rate`` > 0, a user who thumbs a reply down instead *edits* it with
+    that probability: types the reply they wanted (:func:`wanted_reply`), logged as a thumbed-up reply with
+    ``"edited": True``, and asks no more. Returns the feedback log: one row per reply, ``{"prompt", "reply",
+    "thumbs", "version", "attempt"}`` plus the request's other fields (``system``, ``kind``, ...). Failed requests are
+    logged by :func:`send_request` and left out."""
+    if not 0 <= edit_rate <= 1:
+        raise ValueError(f"edit_rate must lie in [0, 1], got {edit_rate!r}")
     rng = random.Random(seed)
     log, pending = [], list(rows)
     for attempt in range(max_regenerations + 1):
@@ -748,7 +778,12 @@ def collect_feedback(endpoint: Endpoint, rows: list[dict], noise: float = 0.1, m
             log.append({**reply.row, "reply": reply.text, "thumbs": thumbs, "version": endpoint.name,
                         "attempt": attempt})
             if thumbs == "down":
-                again.append(reply.row)
+                wanted = wanted_reply(reply.row) if edit_rate and rng.random() < edit_rate else None
+                if wanted is not None:
+                    log.append({**reply.row, "reply": wanted, "thumbs": "up", "version": "user edit",
+                                "attempt": attempt, "edited": True})
+                else:
+                    again.append(reply.row)
         pending = again
     return log
 
@@ -808,26 +843,42 @@ def mix_pairs(new: list[dict], old: list[dict], replay_fraction: float = 1.0, se
 
 
 def dpo_round(model, ref, tokenizer, new_pairs: list[dict], old_pairs: list[dict], config: DPOConfig,
-              replay_fraction: float = 1.0):
+              replay_fraction: float = 1.0, lora_rank: int = 0):
     """One round of iterative DPO: a copy of ``model`` (the deployed version) trained with chapter 07's
     :func:`~apt_course.dpo.train_dpo` on :func:`mix_pairs` (new + replayed old) against the frozen reference
     ``ref``. With ``ref`` the first version (as in online iterative DPO) every round is leashed to the same model,
     and replayed pairs it already ranks far apart add little; with ``ref = model`` each round may move a full
-    KL-budget further. Returns ``(new version, history, the mix)``."""
+    KL-budget further. With ``lora_rank`` > 0 only LoRA adapters of that rank train (chapter 04's
+    :func:`~apt_course.sft.add_lora`, alpha = 2 · rank), merged into the weights afterwards
+    (``merge_and_unload``), so the new version is a plain model a server loads. Returns ``(new version, history,
+    the mix)``."""
     mixed = mix_pairs(new_pairs, old_pairs, replay_fraction, config.seed)
     policy = copy.deepcopy(model)
+    if lora_rank:
+        policy = add_lora(policy, r=lora_rank, alpha=2 * lora_rank, seed=config.seed)
     history = train_dpo(policy, ref, tokenizer, mixed, config)
+    if lora_rank:
+        policy = policy.merge_and_unload()
     return policy, history, mixed
+
+
+def is_number_reply(text: str) -> bool:
+    """A reply of digits and punctuation only, not a word in it (``"19"``, ``"1.1.2."``)."""
+    return any(c.isdigit() for c in text) and not any(c.isalpha() for c in text)
 
 
 def regression_figures(model, tokenizer, tasks: list[dict], red_team: list[dict], checker=world.check_answer,
                        max_new_tokens: int = 32) -> dict[str, float]:
     """The check on what a round must not lose, greedy and offline: ``task_acc`` (general ability: exact match on
     held-out ``tasks``, scored by ``checker``), ``violation_rate`` and ``refusal_rate`` on held-out red-team
-    prompts (chapter 10's :func:`~apt_course.constitution.evaluate`)."""
+    prompts (chapter 10's :func:`~apt_course.constitution.evaluate`), and ``number_reply_rate``: the share of the
+    red-team prompts that ask for no answer (no ``answer`` field: insults, harm, secrets) replied to with digits
+    only (:func:`is_number_reply`), a habit learnt from feedback on sums spreading to everything else."""
     safety = constitution_evaluate(model, tokenizer, {"red_team": red_team}, max_new_tokens=max_new_tokens)
+    wordless = [is_number_reply(reply) for row, reply in zip(red_team, safety["red_replies"]) if row.get("answer") is None]
     return {"task_acc": accuracy(model, tokenizer, tasks, max_new_tokens=max_new_tokens, checker=checker),
-            "violation_rate": safety["violation"], "refusal_rate": safety["red_refusal"]}
+            "violation_rate": safety["violation"], "refusal_rate": safety["red_refusal"],
+            "number_reply_rate": sum(wordless) / len(wordless) if wordless else 0.0}
 
 
 def feedback_stats(log: list[dict]) -> dict:

@@ -148,6 +148,59 @@ def test_simulated_thumbs_follow_the_ground_truth_with_noise():
     assert serving.judge(greeting, greeting["chosen"]) and not serving.judge(greeting, greeting["rejected"])
 
 
+def test_user_edits_become_the_chosen_replies(monkeypatch):
+    """With edit_rate 1 a thumbed-down reply is corrected by the user (the row's answer, thumbed up) instead of
+    regenerated; with edit_rate 0 the user regenerates as before and nothing is edited."""
+    rows = [dict(r, kind="sum") for r in world.english_sums("train", "", seed=0)[:5]]
+
+    def fake_load(endpoint, pending, desc="", **kwargs):  # a model that always rambles
+        return serving.Load([serving.Reply(r, endpoint.name, f"{r['a']} + {r['b']} is a sum", 0.1, 8) for r in pending],
+                            0.5)
+
+    monkeypatch.setattr(serving, "run_load", fake_load)
+    v0 = Endpoint("v0", None, "m")
+    log = serving.collect_feedback(v0, rows, noise=0.0, max_regenerations=2, seed=0, edit_rate=1.0)
+    assert len(log) == 10 and [r["attempt"] for r in log] == [0] * 10  # no regeneration after an edit
+    edits = [r for r in log if r.get("edited")]
+    assert [r["reply"] for r in edits] == [r["answer"] for r in rows] and {r["thumbs"] for r in edits} == {"up"}
+    assert {r["version"] for r in edits} == {"user edit"}
+    pairs = serving.feedback_to_pairs(log)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [(r["answer"], f"{r['a']} + {r['b']} is a sum")
+                                                              for r in rows]
+    plain = serving.collect_feedback(v0, rows, noise=0.0, max_regenerations=2, seed=0)
+    assert len(plain) == 15 and not any(r.get("edited") for r in plain) and not serving.feedback_to_pairs(plain)
+    assert serving.wanted_reply({"prompt": "hello, i am ann", "kind": "greeting"}) is None
+    with pytest.raises(ValueError, match="edit_rate"):
+        serving.collect_feedback(v0, rows, edit_rate=1.5)
+
+
+def test_a_lora_round_is_merged_into_a_plain_model(tok):
+    from apt_course.checkpoints import load_checkpoint
+    from apt_course.dpo import DPOConfig
+
+    sft = load_checkpoint("sft")[0]
+    before = {k: v.clone() for k, v in sft.state_dict().items()}
+    pairs = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}
+             for p in world.preference_pairs(8, "train", seed=0)]
+    config = DPOConfig(steps=3, batch_size=4, lr=1e-2, warmup=0, seed=0, sft_weight=1.0)
+    new, history, mixed = serving.dpo_round(sft, sft, tok, pairs, [], config, lora_rank=2)
+    assert not hasattr(new, "disable_adapter") and set(new.state_dict()) == set(before)  # merged: no PEFT left
+    assert any(not (new.state_dict()[k] == v).all() for k, v in before.items()) and len(history["loss"]) >= 2
+    assert all((sft.state_dict()[k] == v).all() for k, v in before.items())  # the deployed version is untouched
+    assert mixed == pairs
+
+
+def test_number_replies_and_server_threads(monkeypatch):
+    assert serving.is_number_reply("19") and serving.is_number_reply("1.1.2.1.") and serving.is_number_reply(" 7, ")
+    assert not serving.is_number_reply("19 apples") and not serving.is_number_reply("...")
+    monkeypatch.delenv("APT_COURSE_THREADS", raising=False)
+    assert serving.server_threads(None) is None and serving.server_threads(3) == 3
+    assert serving.server_threads(0) == serving.available_cores() >= 1  # 0: every core, as set_cpu_threads
+    monkeypatch.setenv("APT_COURSE_THREADS", "1")
+    assert serving.server_threads(0) == serving.server_threads(4) == 1  # pinned (CI), as the notebook's own threads
+    assert serving.server_threads(None) is None
+
+
 # ---------------------------------------------------------------- servers: bad starts, timeouts
 
 
@@ -187,6 +240,10 @@ def test_server_command_lines():
     assert "--model" not in serving.server_command("transformers", None, "127.0.0.1", 8123)
     vllm = serving.server_command("vllm", "/m/v1", "127.0.0.1", 8124, served_name="v1")
     assert "vllm.entrypoints.openai.api_server" in vllm and vllm[vllm.index("--served-model-name") + 1] == "v1"
+    bf16 = serving.server_command("transformers", None, "127.0.0.1", 8123, dtype="bfloat16")
+    assert bf16[bf16.index("--dtype") + 1] == "bfloat16" and "--dtype" not in cmd
+    vllm16 = serving.server_command("vllm", "/m/v1", "127.0.0.1", 8124, dtype="bfloat16")
+    assert vllm16[vllm16.index("--dtype") + 1] == "bfloat16"
     with pytest.raises(ValueError, match="one model per server"):
         serving.server_command("vllm", None, "127.0.0.1", 1)
     with pytest.raises(ValueError, match="unknown server backend"):
