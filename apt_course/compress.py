@@ -12,9 +12,12 @@
   prefixes it will meet at inference; the divergence is the generalised Jensen-Shannon one (β = 0: forward KL,
   β = 1: reverse KL).
 * **Quantisation**: int8 dynamic post-training quantisation with PyTorch's own API
-  (:func:`quantize_int8_dynamic`); 4-bit weight-only group-wise quantisation from scratch
-  (:func:`quantize_groupwise` / :func:`dequantize_groupwise`, :class:`QuantLinear`)::
+  (:func:`quantize_int8_dynamic`, optionally keeping the layers whose inputs have extreme outliers in float:
+  :func:`activation_outliers`; :func:`float32_copy` is the float32 baseline it is timed against); 4-bit
+  weight-only group-wise quantisation from scratch (:func:`quantize_groupwise` / :func:`dequantize_groupwise`,
+  :class:`QuantLinear`, :func:`quantize_model`; :func:`dequantize_model` computes the same numbers faster)::
 
+      min = min(w.min(), 0),  max = max(w.max(), 0)            (the range is first stretched to hold 0, as GPTQ does)
       scale = (max - min) / (2^b - 1),  zero = round(-min / scale),  q = clamp(round(w / scale) + zero, 0, 2^b - 1)
       ŵ = (q - zero) · scale                                   (one scale and zero point per group of g weights)
 
@@ -81,8 +84,16 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: to
                          f"{tuple(teacher_logits.shape)} differ: distillation needs the same positions and vocabulary")
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    kl = _kl_terms(log_p, log_q).sum(-1)
     return temperature ** 2 * _masked_mean(kl, mask)
+
+
+def _kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """a · (log a - log b) per vocabulary entry, with 0 · log 0 = 0: a token the first distribution gives no mass
+    (a -inf logit, e.g. a masked-out token) adds nothing, instead of the NaN of 0 · (-inf)."""
+    a = log_a.exp()
+    keep = a > 0  # masked inside, so no NaN reaches the gradient either (the double-where pattern)
+    return a * (log_a.masked_fill(~keep, 0.0) - log_b.masked_fill(~keep, 0.0))
 
 
 def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None,
@@ -101,30 +112,43 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     if beta == 0:
-        div = (log_p.exp() * (log_p - log_q)).sum(-1)
+        div = _kl_terms(log_p, log_q).sum(-1)
     elif beta == 1:
-        div = (log_q.exp() * (log_q - log_p)).sum(-1)
+        div = _kl_terms(log_q, log_p).sum(-1)
     else:
         log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), dim=0)
-        div = beta * (log_p.exp() * (log_p - log_m)).sum(-1) + (1 - beta) * (log_q.exp() * (log_q - log_m)).sum(-1)
+        div = beta * _kl_terms(log_p, log_m).sum(-1) + (1 - beta) * _kl_terms(log_q, log_m).sum(-1)
     return _masked_mean(div, mask)
 
 
 # ---------------------------------------------------------------- distillation: the student
 
 
-def make_student(teacher, layers: int, hidden_size: int | None = None, intermediate_size: int | None = None,
-                 seed: int = 0):
+def make_student(teacher, layers: int | None = None, hidden_size: int | None = None,
+                 intermediate_size: int | None = None, seed: int = 0, keep: list[int] | None = None):
     """A smaller Llama with the teacher's vocabulary.
 
     Same width (``hidden_size`` None or the teacher's): ``layers`` of the teacher's layers, evenly spaced and
     copied with the embeddings and final norm (DistilBERT's and Minitron's start: a student that already half
-    works). Narrower: a fresh random initialisation (nothing of the teacher's fits its shapes).
-    A student as big as the teacher or bigger is refused."""
+    works), or exactly the teacher layers listed in ``keep`` (in order; e.g. all but a contiguous block, which
+    breaks a deep model less than removing every other layer: Gromov et al., 2024). Narrower: a fresh random
+    initialisation (nothing of the teacher's fits its shapes). A student as big as the teacher or bigger is
+    refused."""
     from transformers import AutoModelForCausalLM
 
     cfg = teacher.config
     n_teacher = cfg.num_hidden_layers
+    if keep is not None:
+        keep = [int(i) for i in keep]
+        if not keep or any(not 0 <= i < n_teacher for i in keep) or len(set(keep)) != len(keep):
+            raise ValueError(f"keep lists distinct teacher layers in 0..{n_teacher - 1}, got {keep}")
+        if layers is not None and layers != len(keep):
+            raise ValueError(f"layers={layers} but keep lists {len(keep)} layers: pass one or the other")
+        if hidden_size not in (None, cfg.hidden_size) or intermediate_size not in (None, cfg.intermediate_size):
+            raise ValueError("keep copies the teacher's layers: the student must have the teacher's width")
+        layers = len(keep)
+    if layers is None:
+        raise ValueError("pass layers (how many, evenly spaced) or keep (which teacher layers)")
     hidden = cfg.hidden_size if hidden_size is None else hidden_size
     inter = cfg.intermediate_size if intermediate_size is None else intermediate_size
     if not 1 <= layers <= n_teacher:
@@ -152,7 +176,8 @@ def make_student(teacher, layers: int, hidden_size: int | None = None, intermedi
     else:
         torch.manual_seed(seed)
         student = AutoModelForCausalLM.from_config(new)
-        keep = [round(i * (n_teacher - 1) / max(1, layers - 1)) for i in range(layers)] if layers > 1 else [0]
+        if keep is None:
+            keep = [round(i * (n_teacher - 1) / max(1, layers - 1)) for i in range(layers)] if layers > 1 else [0]
         t_state = teacher.state_dict()
         s_state = {}
         for name in student.state_dict():
@@ -184,7 +209,9 @@ class DistillConfig:
     teacher scores every token; the loss is T² · :func:`generalized_jsd` with ``beta`` at ``temperature``, which is
     ``"kd"``'s loss for β = 0 and TRL's ``GKDTrainer`` loss for T = 1);
     steps, batch_size, lr, warmup: AdamW with warm-up then cosine; max_new_tokens: sampled completion length;
-    seed: batch order and sampling."""
+    seed: batch order and sampling; on_policy_schedule: ``"random"`` (a coin of probability ``lmbda`` per step, as
+    TRL's trainer) or ``"even"`` (exactly floor(``lmbda`` · steps) on-policy steps, evenly spaced, the first step
+    on the data: at a budget of a few steps the coins may otherwise land on none)."""
 
     method: str = "kd"
     steps: int = 100
@@ -198,10 +225,13 @@ class DistillConfig:
     max_new_tokens: int = 12
     seed: int = 0
     log_every: int = 5
+    on_policy_schedule: str = "random"
 
     def __post_init__(self):
         if self.method not in DISTILL_METHODS:
             raise ValueError(f"method must be one of {DISTILL_METHODS}, got {self.method!r}")
+        if self.on_policy_schedule not in ("random", "even"):
+            raise ValueError(f"on_policy_schedule must be 'random' or 'even', got {self.on_policy_schedule!r}")
         if not self.temperature > 0 or not self.sample_temperature > 0:
             raise ValueError("temperature and sample_temperature must be > 0")
         if not 0.0 <= self.lmbda <= 1.0 or not 0.0 <= self.beta <= 1.0:
@@ -282,7 +312,11 @@ def train_distill(student, teacher, tokenizer, examples: list[dict], config: Dis
     student.train()
     for step in progress(range(config.steps), f"distill ({config.method})"):
         idx = rng.sample(range(len(prompts)), min(config.batch_size, len(prompts)))
-        on_policy = config.method == "gkd" and coin.random() < config.lmbda
+        if config.on_policy_schedule == "even":
+            on_policy = math.floor((step + 1) * config.lmbda) > math.floor(step * config.lmbda)
+        else:
+            on_policy = coin.random() < config.lmbda
+        on_policy = on_policy and config.method == "gkd"
         if on_policy:
             batch = _student_samples(student, tokenizer, [prompts[i] for i in idx], config)
             history["on_policy"] += 1
@@ -425,6 +459,23 @@ def quantize_model(model, bits: int = 4, group_size: int = 32):
     return out.eval()
 
 
+@torch.no_grad()
+def dequantize_model(model):
+    """A copy of a :func:`quantize_model` model with each :class:`QuantLinear` replaced by an ``nn.Linear`` holding
+    its dequantised weight ŵ: the same numbers, computed once instead of at every forward pass (float-sized again;
+    for measuring a quantised model's replies quickly, not for deployment)."""
+    out = copy.deepcopy(model)
+    for _, module in list(out.named_modules()):
+        for attr, child in list(module.named_children()):
+            if isinstance(child, QuantLinear):
+                lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                lin.weight.copy_(child.weight_hat())
+                if child.bias is not None:
+                    lin.bias.copy_(child.bias)
+                setattr(module, attr, lin.to(child.packed.device))
+    return out
+
+
 def prepare_qat(model, bits: int = 4, group_size: int = 32):
     """A copy of ``model`` ready for quantisation-aware training: each decoder ``Linear`` becomes a
     :class:`FakeQuantLinear` that shares nothing with the original."""
@@ -436,16 +487,60 @@ def prepare_qat(model, bits: int = 4, group_size: int = 32):
     return out
 
 
-def quantize_int8_dynamic(model):
+def float32_copy(model):
+    """A float32 copy of ``model`` that computes in float32: without the bf16 autocast the smol profile puts on a
+    CPU model (:func:`~apt_course.utils.use_cpu_bf16`), whose instance-level ``forward``/``generate`` are dropped
+    so the class's own run. The baseline that int8 (which cannot run under bf16 autocast) is measured against."""
+    out = copy.deepcopy(model).float()
+    for attr in ("forward", "generate", "apt_precision"):
+        out.__dict__.pop(attr, None)
+    return out
+
+
+@torch.no_grad()
+def activation_outliers(model, batch: dict) -> dict:
+    """For every decoder ``Linear``, max |x| / RMS(x) of its input x over one batch (``build_batch`` layout):
+    how far the largest activation sits above the typical one. One int8 scale per tensor spends its 256 levels
+    on the largest |x|, so at a ratio r the typical activation gets only about 128 / r of them (LLM.int8(),
+    Dettmers et al. 2022; SmolLM2's MLP inputs reach r in the hundreds)."""
+    device = _device_of(model)
+    mask = batch["attention_mask"].to(device).bool()
+    ratios, hooks = {}, []
+
+    def hook(name):
+        def record(module, inputs, output):
+            x = inputs[0].detach().float()[mask]  # real tokens only, not padding
+            ratios[name] = float(x.abs().max() / x.pow(2).mean().sqrt().clamp(min=1e-12))
+        return record
+
+    for name, module in model.named_modules():
+        if ".layers." in f".{name}." and type(module) in (nn.Linear, FakeQuantLinear):
+            hooks.append(module.register_forward_hook(hook(name)))
+    try:
+        model(input_ids=batch["input_ids"].to(device), attention_mask=mask.long())
+    finally:
+        for h in hooks:
+            h.remove()
+    return ratios
+
+
+def quantize_int8_dynamic(model, keep_float=()):
     """int8 dynamic post-training quantisation with PyTorch's own API (``torch.ao.quantization.quantize_dynamic``):
     the decoder's ``Linear`` weights are stored as int8 with one scale per matrix; activations are quantised on
-    the fly, per batch (the default qconfig; on the tiny model it lost less accuracy than per-channel weight scales). CPU kernels only: the result runs on the CPU (the deployment target)."""
+    the fly, per batch (the default qconfig; on the tiny model it lost less accuracy than per-channel weight scales).
+    CPU kernels only: the result runs on the CPU (the deployment target), in float32 around the int8 matmuls (a
+    bf16-autocast model is converted from its :func:`float32_copy`). ``keep_float``: names of ``Linear`` layers
+    left in float (mixed precision, e.g. those :func:`activation_outliers` finds with extreme inputs)."""
     from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
 
     names = {f"{pname}.{attr}" if pname else attr
              for pname, parent in model.named_modules() for attr, child in parent.named_children()
              if ".layers." in f".{pname}." and type(child) is nn.Linear}
-    cpu = copy.deepcopy(model).float().cpu().eval()
+    unknown = set(keep_float) - names
+    if unknown:
+        raise ValueError(f"keep_float names {sorted(unknown)[:3]}... are not decoder Linear layers of this model")
+    names -= set(keep_float)
+    cpu = float32_copy(model).cpu().eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch points eager-mode quantisation users to torchao
         return quantize_dynamic(cpu, {n: default_dynamic_qconfig for n in names}, dtype=torch.qint8)
@@ -462,17 +557,17 @@ def check_sparsity(sparsity: float) -> None:
 
 @torch.no_grad()
 def magnitude_prune(model, sparsity: float):
-    """A copy of ``model`` where, in every decoder ``Linear``, the ``sparsity`` fraction of weights with the smallest
-    |w| is set to zero (unstructured, per matrix). The matrices keep their shape: the zeros only save memory and
+    """A copy of ``model`` where, in every decoder ``Linear``, exactly round(``sparsity`` · n) of its n weights, those
+    with the smallest |w| (ties broken by position), are set to zero (unstructured, per matrix). The matrices keep their shape: the zeros only save memory and
     time with a sparse format or sparse kernels."""
     check_sparsity(sparsity)
     out = copy.deepcopy(model)
     for _, _, lin in _decoder_linears(out):
         w = lin.weight
-        k = int(sparsity * w.numel())
-        if k:
-            threshold = w.abs().flatten().kthvalue(k).values
-            w.masked_fill_(w.abs() <= threshold, 0.0)
+        k = round(sparsity * w.numel())
+        if k:  # exactly k weights: a stable sort breaks ties at the threshold by index (the first ones go)
+            order = torch.sort(w.abs().flatten(), stable=True).indices
+            w.view(-1)[order[:k]] = 0.0
     return out
 
 
@@ -667,23 +762,33 @@ class HeldOut:
     * ``kl``: the mean per-token KL(reference || model) on those answers: how far a compressed model's next-token
       distributions moved from the model it was made from (0 = unchanged).
 
-    The reference's logits are kept when they take at most ``cache_mb`` megabytes (the tiny model's easily), and
-    recomputed for each model otherwise (a real model's 49k-token vocabulary)."""
+    Only the answer positions' logits are computed (``logits_to_keep``: the output layer skips the prompt) and kept.
+    The reference's are kept when they take at most ``cache_mb`` megabytes, and recomputed for each model
+    otherwise."""
 
     def __init__(self, reference, tokenizer, examples: list[dict], batch_size: int = 64, cache_mb: float = 256):
         prompts, completions = to_sft_pairs(examples, tokenizer)
         self.reference = reference
         self.batches = [build_batch(tokenizer, prompts[i:i + batch_size], completions[i:i + batch_size])
                         for i in range(0, len(prompts), batch_size)]
-        size = sum(b["input_ids"].numel() for b in self.batches) * reference.config.vocab_size * 4 / 2**20
+        size = sum(int(b["completion_mask"].sum()) for b in self.batches) * reference.config.vocab_size * 4 / 2**20
         self.cache = [self._logits(reference, b) for b in self.batches] if size <= cache_mb else None
+
+    @staticmethod
+    def _first(batch) -> int:
+        """The position of the earliest answer token in the batch (right padding: each row's prompt comes first)."""
+        return int(batch["completion_mask"].float().argmax(1).min())
 
     @staticmethod
     @torch.no_grad()
     def _logits(model, batch) -> torch.Tensor:
+        """(answer tokens × vocabulary): the logits predicting each answer token, in float32 on the CPU."""
         device = _device_of(model)
-        return model(input_ids=batch["input_ids"].to(device),
-                     attention_mask=batch["attention_mask"].to(device)).logits[:, :-1].float().cpu()
+        width, first = batch["input_ids"].shape[1], HeldOut._first(batch)
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       logits_to_keep=width - first + 1).logits  # positions first - 1 ... width - 1
+        mask = batch["completion_mask"][:, first:].bool()
+        return logits[:, :-1].float().cpu()[mask]
 
     def scores(self, model) -> dict:
         was_training = model.training
@@ -693,11 +798,10 @@ class HeldOut:
         for i, batch in enumerate(self.batches):
             logits = self._logits(model, batch)
             ref = self.cache[i] if self.cache is not None else self._logits(self.reference, batch)
-            mask = batch["completion_mask"][:, 1:]
-            n = int(mask.sum())
-            loss += F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1),
-                                    ignore_index=-100, reduction="sum").item()
-            kl += kd_loss(logits, ref, mask).item() * n
+            labels = batch["labels"][:, self._first(batch):][batch["completion_mask"][:, self._first(batch):].bool()]
+            n = labels.numel()
+            loss += F.cross_entropy(logits, labels, reduction="sum").item()
+            kl += kd_loss(logits, ref).item() * n
             count += n
         model.train(was_training)
         return {"loss": loss / max(1, count), "kl": kl / max(1, count)}

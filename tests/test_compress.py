@@ -1,6 +1,7 @@
 """Chapter 14: the distillation losses on known numbers and against TRL's GKDTrainer, the group-wise quantiser's
 error bound, QAT's straight-through gradient, pruning, the measurements, and clear errors for bad input."""
 
+import copy
 import math
 import warnings
 
@@ -131,6 +132,21 @@ def test_make_student_copies_evenly_spaced_teacher_layers_and_generates(tok, tea
     assert narrow.config.hidden_size == 64 and count_parameters(narrow) < count_parameters(student)
 
 
+def test_make_student_keeps_the_listed_teacher_layers(teacher):
+    student = C.make_student(teacher, keep=[0, 1, 3])
+    assert student.config.num_hidden_layers == 3 and student.config.apt_kept_layers == [0, 1, 3]
+    for i, j in enumerate([0, 1, 3]):
+        assert torch.equal(student.model.layers[i].self_attn.o_proj.weight,
+                           teacher.model.layers[j].self_attn.o_proj.weight)
+    for bad in ([], [0, 0], [4], [-1]):
+        with pytest.raises(ValueError, match="distinct teacher layers"):
+            C.make_student(teacher, keep=bad)
+    with pytest.raises(ValueError, match="one or the other"):
+        C.make_student(teacher, 2, keep=[0, 1, 3])
+    with pytest.raises(ValueError, match="exact size"):
+        C.make_student(teacher, keep=[0, 1, 2, 3])
+
+
 def test_a_student_bigger_than_its_teacher_is_refused(tok, teacher, examples):
     with pytest.raises(ValueError, match="1 to 4 layers"):
         C.make_student(teacher, 6)
@@ -160,6 +176,16 @@ def test_distillation_moves_the_student_towards_the_teacher(tok, method):
     after = held.scores(student)["kl"]
     assert after < 0.8 * before, (before, after)
     assert (hist["on_policy"] > 0) == (method == "gkd")
+
+
+def test_the_even_schedule_takes_exactly_lambda_times_the_steps_on_policy(tok, teacher, examples):
+    config = dict(method="gkd", steps=5, batch_size=4, lr=1e-4, lmbda=0.5, max_new_tokens=4, log_every=1)
+    for seed in range(3):  # whatever the seed's coins would have said
+        hist = C.train_distill(C.make_student(teacher, 2), teacher, tok, examples,
+                               C.DistillConfig(seed=seed, on_policy_schedule="even", **config))
+        assert hist["on_policy"] == 2  # floor(0.5 * 5): steps 1 and 3
+    with pytest.raises(ValueError, match="on_policy_schedule"):
+        C.DistillConfig(on_policy_schedule="sometimes")
 
 
 def test_heldout_scores_match_chapter_04s_heldout_loss(tok, teacher, examples):
@@ -236,6 +262,52 @@ def test_quantized_model_is_smaller_and_computes_with_the_dequantised_weights(to
     assert C.count_weights(q8) == count_parameters(teacher)
 
 
+def test_dequantized_model_computes_what_the_quantized_one_does(teacher):
+    q4 = C.quantize_model(teacher, 4, 32)
+    flat = C.dequantize_model(q4)
+    assert not any(isinstance(m, C.QuantLinear) for m in flat.modules())
+    ids = torch.randint(10, 60, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(q4(input_ids=ids).logits, flat(input_ids=ids).logits, atol=1e-5)
+
+
+def test_int8_can_keep_the_outlier_layers_in_float(tok, teacher, examples):
+    batch = build_batch(tok, *to_sft_pairs(examples[:4], tok))
+    ratios = C.activation_outliers(teacher, batch)
+    names = {f"{p}.{a}" for p, m in teacher.named_modules() for a, c in m.named_children()
+             if ".layers." in f".{p}." and type(c) is torch.nn.Linear}
+    assert set(ratios) == names and all(r >= 1 for r in ratios.values())  # max |x| >= RMS(x)
+    x = torch.zeros(1, 4, 128)
+    x[0, 0, 0] = 10.0  # one outlier among 512 values: max / RMS = sqrt(512)
+    lin = teacher.model.layers[0].self_attn.q_proj
+    hook = lin.register_forward_pre_hook(lambda m, args: (x.expand(args[0].shape[0], -1, -1)[:, :args[0].shape[1]],))
+    try:
+        one = C.activation_outliers(teacher, {"input_ids": batch["input_ids"][:1, :4],
+                                              "attention_mask": torch.ones(1, 4, dtype=torch.long)})
+    finally:
+        hook.remove()
+    assert one["model.layers.0.self_attn.q_proj"] == pytest.approx(512 ** 0.5, rel=1e-4)
+    worst = max(ratios, key=ratios.get)
+    q8 = C.quantize_int8_dynamic(teacher, keep_float=[worst])
+    parent, attr = worst.rsplit(".", 1)
+    assert type(getattr(q8.get_submodule(parent), attr)) is torch.nn.Linear
+    assert type(q8.model.layers[0].mlp.up_proj).__name__ == "Linear" and callable(q8.model.layers[0].mlp.up_proj.weight)
+    with pytest.raises(ValueError, match="not decoder Linear"):
+        C.quantize_int8_dynamic(teacher, keep_float=["model.embed_tokens"])
+
+
+def test_float32_copy_drops_the_bf16_autocast(teacher):
+    from apt_course.utils import model_precision, use_cpu_bf16
+
+    fast = use_cpu_bf16(copy.deepcopy(teacher))
+    plain = C.float32_copy(fast)
+    assert model_precision(fast) == "bf16 autocast" and model_precision(plain) == "torch.float32"
+    ids = torch.randint(10, 60, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, teacher(input_ids=ids).logits)
+    C.quantize_int8_dynamic(fast)(input_ids=ids)  # int8 kernels refuse bf16 inputs: the copy computes in float32
+
+
 def test_fake_quantize_has_the_quantised_value_and_the_identity_gradient():
     w = torch.randn(4, 32, requires_grad=True)
     fq = C.fake_quantize(w, 4, 16)
@@ -269,6 +341,51 @@ def test_magnitude_prune_zeroes_the_smallest_weights_of_each_matrix(teacher):
     for bad in (1.0, -0.1, 1.5):
         with pytest.raises(ValueError, match=r"sparsity .* must be in \[0, 1\)"):
             C.magnitude_prune(teacher, bad)
+
+
+def _one_matrix_model(row: list[float]) -> torch.nn.Module:
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([torch.nn.Module()])
+    model.layers[0].proj = torch.nn.Linear(len(row), 1, bias=False)
+    with torch.no_grad():
+        model.layers[0].proj.weight.copy_(T([row]))
+    return model
+
+
+@pytest.mark.parametrize("row, want", [
+    ([0.05, -0.05, 0.05, -0.05], [0.0, 0.0, 0.05, -0.05]),  # all tied: the first two by position go
+    ([0.1, 0.2, 0.2, 0.3], [0.0, 0.0, 0.2, 0.3]),  # a tie at the threshold: only one of the two 0.2s goes
+])
+def test_magnitude_prune_removes_exactly_round_sparsity_n_weights_even_with_ties(row, want):
+    pruned = C.magnitude_prune(_one_matrix_model(row), 0.5)
+    w = pruned.layers[0].proj.weight[0]
+    assert int((w == 0).sum()) == 2
+    assert w.tolist() == pytest.approx(want)
+    assert int((C.magnitude_prune(_one_matrix_model(row), 0.3).layers[0].proj.weight == 0).sum()) == 1  # round(1.2)
+
+
+def test_kd_losses_are_finite_when_the_teacher_gives_a_token_no_mass():
+    """0 · log 0 = 0: a teacher's -inf logit drops that token from the KL, it does not make it NaN."""
+    t = T([[1.0, 0.0, float("-inf"), 2.0]])
+    s0 = T([[0.5, -1.0, 0.3, 1.0]])
+    p = torch.softmax(t[:, [0, 1, 3]], -1)[0]
+    q = torch.softmax(s0, -1)[0, [0, 1, 3]]
+    want = float((p * (p / q).log()).sum())  # by hand, on the teacher's support only
+    for loss_fn in (lambda s: C.kd_loss(s, t), lambda s: C.generalized_jsd(s, t, beta=0.0)):
+        s = s0.clone().requires_grad_()
+        loss = loss_fn(s)
+        assert math.isfinite(loss.item()) and loss.item() == pytest.approx(want, rel=1e-5)
+        loss.backward()
+        assert torch.isfinite(s.grad).all()
+    s = s0.clone().requires_grad_()  # the JSD: m = (p + q) / 2 has mass wherever the student has
+    loss = C.generalized_jsd(s, t, beta=0.5)
+    m = 0.5 * torch.softmax(t, -1)[0] + 0.5 * torch.softmax(s0, -1)[0]
+    qq = torch.softmax(s0, -1)[0]
+    want_jsd = 0.5 * float((p * (p / m[[0, 1, 3]]).log()).sum()) + 0.5 * float((qq * (qq / m).log()).sum())
+    assert loss.item() == pytest.approx(want_jsd, rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(s.grad).all()
+    assert C.kd_loss(t, t).item() == pytest.approx(0.0, abs=1e-6)  # a teacher against itself, -inf and all
 
 
 def test_pruning_dead_heads_changes_nothing_and_the_smaller_model_reloads(tok, tmp_path):
