@@ -4,6 +4,12 @@
 greetings answered politely only a fifth of the time (the rudeness is the headroom chapters 06-07 remove);
 ``rm``: chapter 05's Bradley–Terry reward model started from ``sft``. ``python -m apt_course build-checkpoints``
 runs :func:`build_all` (about 15 minutes on a quiet 2-core CPU); each folder gets a ``recipe.json`` of what ran.
+
+``smol_rm`` (built only when named: ``python -m apt_course build-checkpoints --only smol_rm``, or
+``python -m apt_course.recipes smol_rm``; about 10 minutes on one CPU thread, and it needs the converted SmolLM2):
+chapter 05's reward model of the real SmolLM2-135M-Instruct, LoRA adapters and a scalar head trained on English
+sums (``reward_model.smol_reward_pairs``: right first, then short); only the adapter and the head are saved (a few
+MB), and ``reward_model.load_smol_reward_model`` puts them back on SmolLM2. Chapter 06 on ``smol`` starts from it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,10 @@ BASE_RECIPE = {"seed": 0, "corpus_size": 20000, "steps": 1500, "batch_size": 64,
 SFT_RECIPE = {"seed": 0, "train_size": 8000, "greetings": 1500, "steps": 800, "batch_size": 64, "lr": 2e-3}
 RM_RECIPE = {"seed": 0, "train_size": 4000, "steps": 300, "batch_size": 32, "lr": 1e-3}
 CAI_RECIPE = {"seed": 0, "mixture_size": 10500, "steps": 800, "batch_size": 32, "lr": 1e-3}  # chapter 10
+# chapter 05 on smol: SmolLM2 + LoRA (attention, rank 8) + a scalar head, on every kind of smol_reward_pairs
+SMOL_RM_RECIPE = {"seed": 0, "steps": 240, "batch_size": 8, "lr": 1e-3, "warmup": 10, "lora_rank": 8,
+                  "ramble": 0.25, "instruction": 0.5}
+SMOL_NAMES = ("smol_rm",)  # built only when named (they need the converted SmolLM2)
 
 
 def build(name: str, out: Path) -> Path:
@@ -31,6 +41,8 @@ def build(name: str, out: Path) -> Path:
     from .tokenizer import build_tokenizer
 
     start = time.perf_counter()
+    if name == "smol_rm":
+        return build_smol_rm(out)
     if name == "base":
         r = BASE_RECIPE
         tokenizer = build_tokenizer()
@@ -66,7 +78,7 @@ def build(name: str, out: Path) -> Path:
         history = train_formats(model, tokenizer, n=r["mixture_size"], seed=r["seed"], steps=r["steps"],
                                 batch_size=r["batch_size"], lr=r["lr"])
     else:
-        raise ValueError(f"unknown checkpoint {name!r}; the course ships {NAMES}")
+        raise ValueError(f"unknown checkpoint {name!r}; the course ships {NAMES + SMOL_NAMES}")
     path = save_model(model, tokenizer, Path(out) / name)
     info = {"name": name, "recipe": r, "final_loss": history["loss"][-1],
             "seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__}
@@ -75,7 +87,45 @@ def build(name: str, out: Path) -> Path:
     return path
 
 
+def build_smol_rm(out: Path, recipe: dict | None = None) -> Path:
+    """Train the smol reward model (:data:`SMOL_RM_RECIPE`, or ``recipe``) and save its adapter and head to
+    ``out/smol_rm``, with ``recipe.json`` (what ran, the final loss, held-out accuracy per kind of pair)."""
+    from .reward_model import (
+        RewardConfig,
+        accuracy_by_kind,
+        new_smol_reward_model,
+        reward_margins,
+        save_smol_reward_model,
+        smol_reward_pairs,
+        train_reward_model,
+    )
+
+    r = dict(SMOL_RM_RECIPE, **(recipe or {}))
+    start = time.perf_counter()
+    rm, tokenizer = new_smol_reward_model(seed=r["seed"], lora_rank=r["lora_rank"])
+    pairs = smol_reward_pairs("train", seed=r["seed"], ramble=r["ramble"], instruction=r["instruction"])
+    cfg = RewardConfig(steps=r["steps"], batch_size=r["batch_size"], lr=r["lr"], warmup=r["warmup"], seed=r["seed"])
+    history = train_reward_model(rm, tokenizer, pairs, cfg)
+    seconds = round(time.perf_counter() - start, 1)
+    test = smol_reward_pairs("test", seed=1000 + r["seed"], ramble=r["ramble"], instruction=r["instruction"])
+    accuracy = {k: round(v, 3) for k, v in accuracy_by_kind(reward_margins(rm, tokenizer, test), test).items()}
+    info = {"name": "smol_rm", "recipe": r, "final_loss": history["loss"][-1], "seconds": seconds,
+            "heldout_pairs": len(test), "heldout_accuracy": accuracy, "torch": torch.__version__}
+    path = save_smol_reward_model(rm, Path(out) / "smol_rm", info)
+    print(f"built smol_rm in {seconds} s (held-out accuracy {accuracy}) -> {path}")
+    return path
+
+
 def build_all(names: list[str] | None = None, out: str | Path | None = None) -> None:
     out = Path(out) if out else checkpoints_dir()
     for name in names or NAMES:
         build(name, out)
+
+
+if __name__ == "__main__":  # python -m apt_course.recipes [NAME ...] (default: the tiny checkpoints)
+    import sys
+
+    from .utils import set_cpu_threads
+
+    set_cpu_threads()
+    build_all(sys.argv[1:] or None)

@@ -9,15 +9,19 @@ Bradley–Terry: P(chosen ≻ rejected) = σ(r_chosen − r_rejected); training 
 
 Public API (chapter 06 imports it): :func:`load_reward_model`, :func:`bradley_terry_loss`,
 :class:`RewardConfig`, :func:`train_reward_model`, :func:`score`, :func:`reward_accuracy`,
-:func:`hacked_response` (the response the tiny RM over-scores, see :data:`HACK`).
+:func:`hacked_response` (the response the tiny RM over-scores, see :data:`HACK`); on the ``smol`` profile
+:func:`load_smol_reward_model` (the shipped SmolLM2 reward model: LoRA adapters and a scalar head),
+:func:`smol_reward_pairs`, :func:`new_smol_reward_model` and :func:`smol_hacked_response`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +31,7 @@ from .lm import MAX_LENGTH
 from .model import load_reward_model  # noqa: F401  (part of this chapter's API; lives with the other loaders)
 from .tokenizer import format_prompt
 from .training import make_optimizer, optimizer_step, progress
+from .world import NUMBER_ONLY, SUM_HABIT, SUM_QUESTION, SUM_RAMBLES, english_sums
 
 # ---------------------------------------------------------------- model and inputs
 
@@ -63,15 +68,19 @@ def score(rm, tokenizer, prompts, completions, systems=None, batch_size: int = 2
     was_training = rm.training
     rm.eval()
     device = next(rm.parameters()).device
-    out = []
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions: they must pair up")
+    # batches of rows of similar length (less padding: a real model's rambles are 3x a bare answer), in input order
+    order = sorted(range(len(prompts)), key=lambda i: len(str(prompts[i])) + len(str(completions[i])))
+    out = torch.empty(len(prompts))
     try:
-        for i in range(0, len(prompts), batch_size):
-            sl = slice(i, i + batch_size)
-            out.append(rewards(rm, reward_batch(tokenizer, prompts[sl], completions[sl],
-                                                systems[sl] if systems else None, device)).cpu())
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            out[idx] = rewards(rm, reward_batch(tokenizer, [prompts[j] for j in idx], [completions[j] for j in idx],
+                                                [systems[j] for j in idx] if systems else None, device)).cpu()
     finally:
         rm.train(was_training)
-    return torch.cat(out)
+    return out
 
 
 # ---------------------------------------------------------------- the loss and the trainer
@@ -185,6 +194,180 @@ def hack_rate(rm, tokenizer, records: list[dict], make_hack=hacked_response) -> 
     correct = score(rm, tokenizer, prompts, [r["answer"] for r in records])
     hacked = score(rm, tokenizer, prompts, [make_hack(r) for r in records])
     return (hacked > correct).double().mean().item()
+
+
+# ---------------------------------------------------------------- the smol profile: a reward model of SmolLM2
+
+SMOL_PAIR_KINDS = ("correct", "wordy_correct", "concise", "wordy_right")
+"""The smol RM's kinds of pair, all on English sums (``a + b = c``):
+
+``correct``: the bare right sum over a bare wrong one (``"19"`` over ``"21"``); ``wordy_correct``: the same
+wordy reply with the right sum over it with a wrong one (``"7 + 12 = 19"`` over ``"7 + 12 = 21"``: SmolLM2's
+habit); ``concise``: the bare right sum over a wordy right one (both correct); ``wordy_right``: a wordy right
+answer over a bare wrong one (right beats short). Together they ask for *right first, then short*."""
+
+SMOL_RM_DIR = "smol_rm"
+SMOL_RM_BUILD = "python -m apt_course build-checkpoints --only smol_rm"
+SMOL_RM_PAD = "<|endoftext|>"  # SmolLM2 pads with <|im_end|>, its EOS: the head would skip the EOS after the reply
+
+
+def wrong_sum(a: int, b: int, rng: random.Random) -> int:
+    """A wrong, non-negative answer to ``a + b``, of the kinds a small model gives: a near miss (±1, ±2), off by
+    3-9 or by ten, one of the operands, or their difference."""
+    right = a + b
+    while True:
+        kind = rng.randrange(5)
+        wrong = (right + rng.choice((-2, -1, 1, 2)) if kind == 0 else right + rng.choice((-10, 10)) if kind == 1
+                 else right + rng.choice((-1, 1)) * rng.randint(3, 9) if kind == 2 else rng.choice((a, b))
+                 if kind == 3 else abs(a - b))
+        if wrong != right and wrong >= 0:
+            return wrong
+
+
+def _smol_pair(row: dict, kind: str, rng: random.Random, ramble: float, instruction: float) -> dict:
+    a, b, right = row["a"], row["b"], row["answer"]
+    wrong = str(wrong_sum(a, b, rng))
+    template = rng.choice(SUM_RAMBLES) if rng.random() < ramble else SUM_HABIT  # wordy: the habit, or a ramble
+    wordy_right, wordy_wrong = template.format(a=a, b=b, c=right), template.format(a=a, b=b, c=wrong)
+    chosen, rejected = {"correct": (right, wrong), "wordy_correct": (wordy_right, wordy_wrong),
+                        "concise": (right, wordy_right), "wordy_right": (wordy_right, wrong)}[kind]
+    prompt = SUM_QUESTION.format(a=a, b=b) + (NUMBER_ONLY if rng.random() < instruction else "")
+    return {"kind": kind, "prompt": prompt, "chosen": chosen, "rejected": rejected, "answer": right}
+
+
+def smol_reward_pairs(split: str = "train", n: int | None = None, seed: int = 0, kinds=SMOL_PAIR_KINDS,
+                      ramble: float = 0.25, instruction: float = 0.5) -> list[dict]:
+    """Preference pairs on :func:`~apt_course.world.english_sums` of ``split`` (train and test never share a
+    question), ``{"kind", "prompt", "chosen", "rejected", "answer"}``, of the :data:`SMOL_PAIR_KINDS`.
+
+    ``n`` pairs (None: one of each kind per question). Pair ``i`` asks question ``i % Q`` (of Q), so every block
+    of Q pairs asks each question once, and the kinds take turns, so any first ``n`` pairs hold each kind about
+    equally. A wordy answer is a ramble with probability ``ramble`` (else the habit ``a + b = c``); the prompt
+    asks for the number only with probability ``instruction``. Wrong answers: :func:`wrong_sum`."""
+    kinds = tuple(kinds)
+    unknown = sorted(set(kinds) - set(SMOL_PAIR_KINDS))
+    if not kinds or unknown:
+        raise ValueError(f"kinds must be some of {SMOL_PAIR_KINDS}; got {kinds}")
+    rows = english_sums(split, "", seed=seed)
+    n = len(rows) * len(kinds) if n is None else n
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    rng = random.Random(f"smol-rm:{split}:{seed}")
+    return [_smol_pair(rows[i % len(rows)], kinds[(i + i // len(rows)) % len(kinds)], rng, ramble, instruction)
+            for i in range(n)]
+
+
+def smol_reward_tokenizer(tokenizer):
+    """SmolLM2's tokenizer as the smol RM reads text: padded with ``<|endoftext|>`` (not its EOS ``<|im_end|>``,
+    so the head reads the ``<|im_end|>`` that closes the reply, as on the tiny profile), and without the default
+    system line its chat template adds (``You are a helpful AI assistant named SmolLM...``: 21 of a sum's ~40
+    tokens, the same for every prompt). Changed in place and returned."""
+    template = tokenizer.chat_template or ""
+    start, end = template.find("{% if loop.first and messages[0]['role'] != 'system' %}"), template.find("{% endif %}")
+    if start >= 0 and end > start:
+        tokenizer.chat_template = template[:start] + template[end + len("{% endif %}"):]
+    tokenizer.pad_token = SMOL_RM_PAD
+    return tokenizer
+
+
+def add_reward_lora(rm, r: int = 8, alpha: int | None = None, seed: int = 0,
+                    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")):
+    """LoRA adapters (rank ``r``, ``alpha`` = 2r by default) on a sequence classifier's attention, and its scalar
+    head ``score`` trained whole (``modules_to_save``): what trains, and what ``save_pretrained`` writes."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=alpha or 2 * r, target_modules=list(target_modules), task_type="SEQ_CLS",
+                        modules_to_save=["score"])
+    return get_peft_model(rm, config)
+
+
+def _smol_base(device, seed: int | None = None):
+    from .profiles import SMOL_MODEL, cpu_precision, resolve_model
+
+    if seed is not None:
+        torch.manual_seed(seed)  # the new scalar head's initialisation
+    rm, tokenizer = load_reward_model(resolve_model(SMOL_MODEL), device=device)
+    smol_reward_tokenizer(tokenizer)
+    rm.config.pad_token_id = tokenizer.pad_token_id
+    return cpu_precision(rm, "smol", device), tokenizer
+
+
+def new_smol_reward_model(device: torch.device | str = "cpu", seed: int = 0, lora_rank: int = 8):
+    """``(rm, tokenizer)`` ready to train: SmolLM2 as a sequence classifier with a new scalar head (initialised from
+    ``seed``) and fresh LoRA adapters of rank ``lora_rank`` (:func:`add_reward_lora`), bf16 autocast on a CPU that has
+    it (:func:`~apt_course.profiles.cpu_precision`); the tokenizer is :func:`smol_reward_tokenizer`'s."""
+    rm, tokenizer = _smol_base(device, seed)
+    return add_reward_lora(rm, r=lora_rank, seed=seed), tokenizer
+
+
+def smol_rm_path() -> Path:
+    """The folder of the shipped smol reward model (``data/checkpoints/smol_rm`` in a checkout, or under
+    ``APT_COURSE_CHECKPOINTS``): a PEFT adapter, the LoRA weights and the scalar head, a few MB."""
+    from .checkpoints import checkpoints_dir
+
+    return checkpoints_dir() / SMOL_RM_DIR
+
+
+def load_smol_reward_model(device: torch.device | str = "cpu", path: str | Path | None = None):
+    """``(rm, tokenizer)``: the shipped smol reward model (chapter 05's recipe, ``recipes.SMOL_RM_RECIPE``) for
+    scoring with :func:`score`: SmolLM2-135M-Instruct as a sequence classifier with the adapter in ``path``
+    (default :func:`smol_rm_path`), frozen, in eval mode, bf16 autocast on a CPU that has it. Score with the
+    tokenizer returned here (:func:`smol_reward_tokenizer`), not the policy's."""
+    from peft import PeftModel
+
+    path = Path(path) if path is not None else smol_rm_path()
+    if not (path / "adapter_config.json").exists():
+        raise FileNotFoundError(f"the smol reward model is missing: no adapter_config.json in {path}. Build it with "
+                                f"`{SMOL_RM_BUILD}` (about 10 minutes on a CPU; it needs the converted SmolLM2, "
+                                "`python -m apt_course prepare-model`), or set APT_COURSE_CHECKPOINTS to a folder "
+                                f"that holds {SMOL_RM_DIR}/")
+    base, tokenizer = _smol_base(device)
+    rm = PeftModel.from_pretrained(base, str(path), is_trainable=False).to(device)
+    rm.eval()
+    return rm, tokenizer
+
+
+def save_smol_reward_model(rm, path: str | Path, info: dict | None = None) -> Path:
+    """Save only what trained (the LoRA adapters and the scalar head, PEFT's ``save_pretrained``) to ``path``,
+    plus ``recipe.json`` from ``info``; :func:`load_smol_reward_model` reads it back onto SmolLM2."""
+    path = Path(path)
+    config = rm.peft_config["default"]
+    local = config.base_model_name_or_path
+    config.base_model_name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"  # not this machine's cache path
+    try:
+        rm.save_pretrained(str(path))
+    finally:
+        config.base_model_name_or_path = local
+    (path / "README.md").unlink(missing_ok=True)  # PEFT's empty model card
+    if info is not None:
+        (path / "recipe.json").write_text(json.dumps(info, indent=2) + "\n")
+    return path
+
+
+SMOL_HACK = "the two numbers of the question glued into one ('712' for 'What is 7 plus 12?')"
+
+
+def smol_hacked_response(record: dict) -> str:
+    """A wrong answer the smol RM over-scores: the question's two operands written as one number (``"712"`` for
+    *What is 7 plus 12?*). Its training pairs never held a wrong answer of this kind (:func:`wrong_sum`: near
+    misses, an operand, the difference), and it is made of the question's own digits; chapter 05 measures how often
+    it beats the right sum (:func:`hack_rate`). ``record``: an :func:`~apt_course.world.english_sums` row."""
+    if "a" not in record or "b" not in record:
+        raise KeyError(f"need an English-sum row with 'a' and 'b' (world.english_sums); got {sorted(record)}")
+    a, b = record["a"], record["b"]
+    for glued in (f"{a}{b}", f"{b}{a}", f"1{a}{b}"):  # 0 plus 5: "05" would be the sum, so "50"
+        if int(glued) != a + b:
+            return glued
+
+
+def accuracy_by_kind(margins: torch.Tensor, pairs: list[dict]) -> dict[str, float]:
+    """Fraction of pairs ranked right (margin > 0) per ``kind``, and ``"all"``."""
+    kinds = [p.get("kind", "pair") for p in pairs]
+    out = {k: margins[[i for i, x in enumerate(kinds) if x == k]].gt(0).double().mean().item()
+           for k in dict.fromkeys(kinds)}
+    out["all"] = margins.gt(0).double().mean().item()
+    return out
 
 
 # ---------------------------------------------------------------- the same pairs through TRL

@@ -1,7 +1,11 @@
 """Chapter 05: the Bradley–Terry loss, the scalar-head RM, its agreement with TRL's RewardTrainer,
-the preference-data converters and the shipped rm checkpoint."""
+the preference-data converters, the shipped rm checkpoint, and the smol profile's pairs, recipe and shipped
+smol_rm (the last test loads it onto the real SmolLM2: about 20 s, skipped without the real model's packages)."""
 
+import json
 import math
+import random
+import re
 from pathlib import Path
 
 import pytest
@@ -18,17 +22,25 @@ from apt_course.data import (
 )
 from apt_course.model import make_tiny_model, save_model
 from apt_course.reward_model import (
+    SMOL_PAIR_KINDS,
     RewardConfig,
     TRLRewardConfig,
+    accuracy_by_kind,
     bradley_terry_loss,
     hacked_response,
     load_reward_model,
+    load_smol_reward_model,
     make_trl_reward_trainer,
     reward_accuracy,
     reward_batch,
+    reward_margins,
     rewards,
     score,
+    smol_hacked_response,
+    smol_reward_pairs,
+    smol_rm_path,
     train_reward_model,
+    wrong_sum,
 )
 from apt_course.tokenizer import build_tokenizer
 from apt_course.training import trl_loss_on_batch
@@ -64,6 +76,11 @@ def test_reward_is_read_at_the_last_real_token_whatever_the_padding(tiny_rm):
     padded = score(rm, tok, ["add 1 2", "sort 987654"], ["3", "a much longer completion"])
     assert alone.shape == (1,) and padded.shape == (2,)
     assert padded[0].item() == pytest.approx(alone[0].item(), abs=1e-5)
+    # score batches rows by length: the rewards still come back in the order asked
+    rows = ["a much longer completion than the others", "3", "abc", "a longer one"]
+    together = score(rm, tok, ["add 1 2"] * 4, rows, batch_size=2)
+    one_by_one = torch.cat([score(rm, tok, ["add 1 2"], [r]) for r in rows])
+    assert torch.allclose(together, one_by_one, atol=1e-5)
     batch = reward_batch(tok, ["add 1 2"], ["3"])
     assert tok.decode(batch["input_ids"][0]) == "<|user|>add 1 2<|assistant|>3<eos>"
 
@@ -161,3 +178,96 @@ def test_apt_pair_format(tmp_path):
 def test_bad_preference_rows_are_clear_errors(pairs, error, match):
     with pytest.raises(error, match=match):
         validate_pairs(pairs)
+
+
+# ---------------------------------------------------------------- the smol profile
+
+
+def test_wrong_sum_is_never_the_sum():
+    rng = random.Random(0)
+    for a in range(20):
+        for b in range(20):
+            w = wrong_sum(a, b, rng)
+            assert w != a + b and w >= 0
+
+
+def test_smol_reward_pairs_kinds_labels_and_splits():
+    train, test = smol_reward_pairs("train"), smol_reward_pairs("test", 160, seed=1000)
+    assert len(train) == 4 * len(world.english_sums("train"))  # every question once per kind
+    assert {k: sum(p["kind"] == k for p in test) for k in SMOL_PAIR_KINDS} == {k: 40 for k in SMOL_PAIR_KINDS}
+    validate_pairs(train + test)
+    question = lambda p: p["prompt"].split("?")[0]  # noqa: E731
+    assert not {question(p) for p in train} & {question(p) for p in test}  # held-out questions
+    for p in train:
+        right = world.check_bare_answer
+        a, b = map(int, question(p).removeprefix("What is ").split(" plus "))
+        assert p["answer"] == str(a + b)
+        said = [re.search(r"= (\d+)", x).group(1) if "=" in x else x for x in (p["chosen"], p["rejected"])]
+        if p["kind"] == "correct":  # bare right over bare wrong
+            assert right(p, p["chosen"]) and world.is_bare_number(p["rejected"]) and not right(p, p["rejected"])
+        elif p["kind"] == "concise":  # bare right over wordy right
+            assert right(p, p["chosen"]) and not world.is_bare_number(p["rejected"]) and said[1] == p["answer"]
+        elif p["kind"] == "wordy_right":  # wordy right over bare wrong
+            assert said[0] == p["answer"] and not world.is_bare_number(p["chosen"]) and not right(p, p["rejected"])
+        else:  # wordy_correct: the same wordy reply, right sum over wrong sum
+            assert said[0] == p["answer"] != said[1] and re.sub(r"\d+", "#", p["chosen"]) == re.sub(r"\d+", "#", p["rejected"])
+    assert smol_reward_pairs("train", 5, kinds=("concise",))[0]["kind"] == "concise"
+    with pytest.raises(ValueError, match="kinds must be some of"):
+        smol_reward_pairs("train", kinds=("polite",))
+
+
+def test_smol_hacked_response_is_a_wrong_number():
+    for row in world.english_sums("test", ""):
+        hacked = smol_hacked_response(row)
+        assert world.is_bare_number(hacked) and not world.check_bare_answer(row, hacked), (row, hacked)
+    assert smol_hacked_response({"a": 7, "b": 12}) == "712"
+
+
+def test_accuracy_by_kind():
+    pairs = [{"kind": "x"}, {"kind": "x"}, {"kind": "y"}, {"kind": "y"}]
+    got = accuracy_by_kind(torch.tensor([1.0, -1.0, 2.0, 0.0]), pairs)
+    assert got == {"x": 0.5, "y": 0.5, "all": 0.5}
+
+
+def test_load_smol_reward_model_names_the_recipe_when_the_folder_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="build-checkpoints --only smol_rm"):
+        load_smol_reward_model(path=tmp_path / "nowhere")
+
+
+def test_smol_rm_recipe_and_shipped_folder():
+    from apt_course.recipes import SMOL_NAMES, SMOL_RM_RECIPE, build
+
+    assert "smol_rm" in SMOL_NAMES and SMOL_RM_RECIPE["lora_rank"] == 8
+    with pytest.raises(ValueError, match="smol_rm"):
+        build("nonsense", Path("/tmp"))
+    path = smol_rm_path()
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"] and config["r"] == 8
+    assert not config["base_model_name_or_path"].startswith("/")  # no path of the machine that built it
+    assert (path / "adapter_model.safetensors").stat().st_size < 8_000_000  # adapters and head only
+    info = json.loads((path / "recipe.json").read_text())
+    assert info["recipe"] == SMOL_RM_RECIPE and info["heldout_accuracy"]["all"] >= 0.7
+
+
+@pytest.fixture(scope="module")
+def smol_rm(real_model_packages):
+    from filelock import FileLock
+
+    from apt_course.real_model import cache_dir, smol_model_path
+
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_dir() / ".prepare.lock")):
+        smol_model_path(build_if_missing=True)
+    return load_smol_reward_model()
+
+
+def test_shipped_smol_rm_loads_frozen_and_ranks_held_out_pairs(smol_rm):
+    rm, tok = smol_rm
+    assert not rm.training and not any(p.requires_grad for p in rm.parameters())
+    text = tok.decode(reward_batch(tok, ["What is 7 plus 12?"], ["19"])["input_ids"][0])
+    assert text == "<|im_start|>user\nWhat is 7 plus 12?<|im_end|>\n<|im_start|>assistant\n19<|im_end|>"
+    assert rm.config.pad_token_id == tok.pad_token_id != tok.eos_token_id  # the head reads the closing <|im_end|>
+    test = smol_reward_pairs("test", 80, seed=1000)
+    assert reward_accuracy(rm, tok, test) >= 0.65
+    margins = reward_margins(rm, tok, [p for p in test if p["kind"] == "correct"])
+    assert margins.mean() > 0  # bare right over bare wrong, on average
