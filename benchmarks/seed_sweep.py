@@ -3,6 +3,7 @@
     python benchmarks/seed_sweep.py ch04 ch08 --seeds 0 1 2 3 4 -j 2    # two notebooks at a time
     python benchmarks/seed_sweep.py --readme                            # only rewrite README's table
     python benchmarks/seed_sweep.py ch04 ch07 ch09 --profile smol       # the real SmolLM2 on this CPU
+    python benchmarks/seed_sweep.py --profile smol --readme             # only rewrite README's smol table
 
 With ``--profile P`` (not tiny) the runs go to ``benchmarks/results/P_sweep.{json,md}`` and the README's table,
 which is the tiny profile's, is left alone.
@@ -95,6 +96,44 @@ HEADLINES = {
 }
 
 
+# The README's smol table: the real SmolLM2 on a CPU, what each chapter moves (English sums).
+SMOL_HEADLINES = {
+    "ch04_sft": ("SFT from scratch and LoRA: the bare answer",
+                 [("exact match before", "acc_base", ".2f"), ("after full SFT", "acc_sft", ".2f"),
+                  ("after LoRA", "acc_lora", ".2f")]),
+    "ch07_dpo": ("DPO with an NLL term (LoRA): concise over rambling",
+                 [("bare-number replies before", "concise_before", ".2f"), ("after", "concise_after", ".2f"),
+                  ("implicit-reward accuracy", "pref_acc", ".2f"), ("right sums before", "right_before", ".2f"),
+                  ("after", "right_after", ".2f")]),
+    "ch08_orpo": ("ORPO against SFT → DPO at an equal number of LoRA steps",
+                  [("bare-number replies before", "base_bare", ".2f"), ("ORPO", "orpo_bare", ".2f"),
+                   ("SFT → DPO", "dpo_bare", ".2f"), ("preference accuracy ORPO", "orpo_pref_acc", ".2f"),
+                   ("SFT → DPO", "dpo_pref_acc", ".2f"), ("right sums before", "base_right", ".2f"),
+                   ("ORPO", "orpo_right", ".2f"), ("SFT → DPO", "dpo_right", ".2f")]),
+    "ch09_grpo": ("GRPO (LoRA) with a checker as the reward",
+                  [("greedy accuracy before", "acc_before", ".2f"), ("after", "acc_after", ".2f"),
+                   ("pass@8 before", "pass8_before", ".2f"), ("after", "pass8_after", ".2f")]),
+    "ch05_reward_model": ("a scalar head + LoRA on SmolLM2: right first, then short",
+                          [("held-out pairwise accuracy, untrained head", "pref_acc_before", ".2f"),
+                           ("the notebook's RM", "pref_acc_scratch", ".2f"), ("shipped RM", "pref_acc_shipped_rm", ".2f"),
+                           ("hack rate (glued operands) on the shipped RM", "hack_rate", ".2f")]),
+    "ch06_rlhf_ppo": ("PPO with a value head (LoRA) against chapter 05's RM of SmolLM2",
+                      [("held-out RM score before", "reward_before", ".2f"), ("after", "reward_after", ".2f"),
+                       ("KL", "kl", ".1f"), ("right sums before", "quality_before", ".2f"),
+                       ("after", "quality_after", ".2f")]),
+    "ch14_compression": ("distil SmolLM2 into a 24-layer student; int8 and 4-bit",
+                         [("KL to the teacher: student start", "student_init_kl", ".2f"),
+                          ("SFT", "sft_student_kl", ".2f"), ("KD", "kd_student_kl", ".2f"),
+                          ("on-policy KD", "gkd_student_kl", ".2f"), ("int8", "int8_kl", ".2f"),
+                          ("int8 with outlier layers in float", "int8_mixed_kl", ".2f"), ("4-bit PTQ", "ptq4_kl", ".2f"),
+                          ("4-bit QAT", "qat4_kl", ".2f"), ("int8 speed-up", "int8_speed", ".2f")]),
+    "ch15_serving": ("serving SmolLM2 with transformers serve, one round of DPO from simulated user edits",
+                     [("served bare-number replies v0", "bare_rate_v0", ".2f"), ("v1", "bare_rate_v1", ".2f"),
+                      ("bare correct sums v0", "ab_rate_v0", ".2f"), ("v1", "ab_rate_v1", ".2f"),
+                      ("A/B p-value (16 per arm)", "ab_p_value", ".2g")]),
+}
+
+
 def run_one(chapter: str, seed: int, timeout: int, profile: str = "tiny") -> dict:
     """Execute one notebook at one seed in a fresh process; returns its record (or the failure)."""
     with tempfile.TemporaryDirectory() as results:
@@ -142,10 +181,10 @@ def markdown(rows: list[dict], profile: str = "tiny") -> str:
     return "\n".join(out)
 
 
-def readme_table(rows: list[dict]) -> str:
-    lines = ["| # | notebook | teaches | measured (tiny profile; range over the seeds swept) | seeds |",
+def readme_table(rows: list[dict], headlines: dict = HEADLINES, profile: str = "tiny") -> str:
+    lines = [f"| # | notebook | teaches | measured ({profile} profile; range over the seeds swept) | seeds |",
              "|---|---|---|---|---|"]
-    for chapter, (teaches, heads) in HEADLINES.items():
+    for chapter, (teaches, heads) in sorted(headlines.items()):
         runs = [r for r in rows if r["chapter"] == chapter and r["status"] == "ok"]
         parts = []
         for label, metric, fmt in heads:
@@ -158,17 +197,20 @@ def readme_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_readme(rows: list[dict]) -> None:
+def write_readme(rows: list[dict], profile: str = "tiny") -> None:
+    """README's results table of ``profile`` (tiny: ``<!-- results:... -->``, smol: ``<!-- smol-results:... -->``)."""
+    from apt_course.utils import write_atomic
+
     readme = ROOT / "README.md"
     text = readme.read_text()
-    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    marker = "results" if profile == "tiny" else f"{profile}-results"
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     if start not in text or end not in text:
         raise SystemExit(f"README.md has no {start} ... {end} block to fill")
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
-    tmp = readme.with_suffix(".md.tmp")
-    tmp.write_text(head + start + "\n" + readme_table(rows) + "\n" + end + tail)
-    tmp.replace(readme)  # atomic: a reader never sees half a README
+    table = readme_table(rows, HEADLINES if profile == "tiny" else SMOL_HEADLINES, profile)
+    write_atomic(readme, head + start + "\n" + table + "\n" + end + tail)  # a reader never sees half a README
 
 
 def main() -> int:
@@ -200,9 +242,10 @@ def main() -> int:
         tmp.replace(store)
         store.with_suffix(".md").write_text(markdown(rows, args.profile) + "\n")
         print(f"wrote {store} and {store.with_suffix('.md')}")
-    if tiny and (ROOT / "README.md").read_text().count("<!-- results:start -->"):
-        write_readme(rows)
-        print("README.md results table regenerated")
+    marker = "<!-- results:start -->" if tiny else f"<!-- {args.profile}-results:start -->"
+    if (tiny or args.profile == "smol") and marker in (ROOT / "README.md").read_text():
+        write_readme(rows, args.profile)
+        print(f"README.md {args.profile} results table regenerated")
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 

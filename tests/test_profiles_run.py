@@ -1,8 +1,9 @@
 """The real-model profiles, executed: every notebook on the ``gpu`` profile with local stand-ins for its Hub
 names (``python -m apt_course stand-ins``: a small random Llama with SmolLM2's tokenizer and chat template, the
 fixtures in the real datasets' schemas, step budgets scaled down), so that a notebook that would break on Colab
-breaks here first; and chapters 04, 07 and 09 on the ``smol`` profile, the real SmolLM2-135M-Instruct on this
-CPU, each asserting its measured before/after inside the notebook.
+breaks here first; and every chapter that runs on the ``smol`` profile (04-09, 14, 15), the real
+SmolLM2-135M-Instruct on this CPU in bf16 where the CPU has it, each asserting its measured before/after inside the
+notebook.
 
 The executed copies go to ``runs/profiles/`` (ignored by git) for reading after a failure."""
 
@@ -16,7 +17,7 @@ from apt_course.runner import execute_notebook, find_notebooks
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "runs" / "profiles"
-SMOL_CHAPTERS = ("ch04", "ch07", "ch09")
+SMOL_CHAPTERS = ("ch04", "ch05", "ch06", "ch07", "ch08", "ch09", "ch14", "ch15")
 
 
 @pytest.fixture(scope="session")
