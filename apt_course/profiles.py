@@ -219,5 +219,5 @@ def cpu_precision(model, profile: Profile | str, device: torch.device | str = "c
         print("precision: bf16 autocast (this CPU computes bf16 natively; weights, gradients and optimiser state "
               "stay float32)" if fast else
               "precision: float32 (this CPU has no native bf16 (AVX-512-BF16/AMX), where it would be slower; "
-              "expect the smol chapters to take about 1.5x the README's times)")
+              "expect the smol chapters to take about twice the README's times)")
     return use_cpu_bf16(model) if fast else model
