@@ -77,6 +77,22 @@ class ServerStartTimeout(ServerError, TimeoutError):
     """The server did not answer its health check in time."""
 
 
+SERVING_MODULES = {"openai": "openai", "fastapi": "transformers[serving]", "uvicorn": "transformers[serving]",
+                   "prometheus_client": "prometheus-client"}
+
+
+def require_serving(modules=tuple(SERVING_MODULES)) -> None:
+    """Raise an ImportError that names the install command when a package chapter 15 needs is missing (they are the
+    ``serve`` extra, left out of the base install so that Colab's other chapters install less)."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"serving needs {', '.join(sorted({SERVING_MODULES.get(m, m) for m in missing}))}, not "
+                          f"installed here: run `pip install -e \".[serve]\"` in the course folder (on Colab, chapter "
+                          f"15's install cell does it), then restart the kernel")
+
+
 class LoadFailed(RuntimeError):
     """Requests of a load failed (see :func:`raise_for_errors`)."""
 
@@ -174,6 +190,8 @@ class ModelServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> ModelServer:
+        if self.command is None and self.backend == "transformers":
+            require_serving(("fastapi", "uvicorn"))
         if self.proc is not None:
             raise ServerError(f"this server is already running (pid {self.proc.pid}); stop() it first")
         if self.port is None:
@@ -390,6 +408,7 @@ class Reply:
 
 
 def _retryable():
+    require_serving(("openai",))
     import openai
 
     return (openai.APIConnectionError, openai.InternalServerError, openai.RateLimitError)  # timeouts included
@@ -414,16 +433,22 @@ def _complete(endpoint: Endpoint, kwargs: dict, stream: bool, start: float):
 
 
 def send_request(endpoint: Endpoint, row: dict, max_tokens: int = 32, temperature: float | None = None,
-                 stream: bool = False, retries: int = 2, backoff_s: float = 0.2, timeout: float | None = None) -> Reply:
+                 stream: bool = False, retries: int = 2, backoff_s: float = 0.2, timeout: float | None = None,
+                 seed: int | None = None) -> Reply:
     """One chat completion of ``row`` (``prompt``, optional ``system``) with up to ``retries`` logged retries after a
     connection error, a timeout (``timeout`` seconds) or a 5xx, waiting ``backoff_s · 2^k`` before retry k+1. A 4xx
-    (a wrong request) is not retried. Never raises for a failed request: the :class:`Reply` carries the error."""
+    (a wrong request) is not retried. Never raises for a failed request: the :class:`Reply` carries the error.
+    ``seed``: the request's sampling seed (OpenAI's ``seed``; ``transformers serve`` and vLLM honour it), so a
+    sampled reply is the same whatever else the server is doing."""
+    require_serving(("openai",))
     import openai
 
     kwargs = {"model": endpoint.model, "messages": messages_for(row["prompt"], row.get("system")),
               "max_tokens": max_tokens}
     if temperature is not None:
         kwargs["temperature"] = temperature
+    if seed is not None:
+        kwargs["seed"] = seed
     target = endpoint if timeout is None else Endpoint(endpoint.name, endpoint.client.with_options(timeout=timeout),
                                                        endpoint.model)
     error, attempt, start = None, 0, time.perf_counter()
@@ -453,12 +478,20 @@ class Load:
     seconds: float
 
 
+def request_seed(seed: int, i: int) -> int:
+    """Request ``i``'s sampling seed in a load seeded ``seed``: distinct per request and per load, below 2^31."""
+    return (seed * 1_000_003 + i) % 2**31
+
+
 def run_load(endpoints: Endpoint | list[Endpoint], rows: list[dict], concurrency: int = 4,
-             max_consecutive_failures: int = 8, desc: str = "requests", **request_kwargs) -> Load:
+             max_consecutive_failures: int = 8, desc: str = "requests", seed: int | None = None,
+             **request_kwargs) -> Load:
     """Send every row (row i to ``endpoints[i]``, or all to one endpoint) with at most ``concurrency`` requests in
     flight (:func:`send_request` for each; ``request_kwargs`` go to it). After ``max_consecutive_failures`` failures in
     a row the server is taken for dead: the rows not yet sent fail at once ("not sent") instead of each waiting out
-    its retries, so a load against a crashed server ends in seconds and says so."""
+    its retries, so a load against a crashed server ends in seconds and says so. ``seed``: row i is sampled with
+    :func:`request_seed` ``(seed, i)``, so the replies do not depend on the order the requests reach the server
+    (None: the server's own random state, different at every run)."""
     if not rows:
         raise ValueError("no requests to send: pass at least one row {'prompt': ...}")
     if concurrency < 1:
@@ -475,7 +508,8 @@ def run_load(endpoints: Endpoint | list[Endpoint], rows: list[dict], concurrency
         if dead:
             return Reply(rows[i], targets[i].name, None, 0.0, 0, 0,
                          f"not sent: {max_consecutive_failures} requests failed in a row (last: {state['last']})")
-        reply = send_request(targets[i], rows[i], **request_kwargs)
+        reply = send_request(targets[i], rows[i], seed=None if seed is None else request_seed(seed, i),
+                             **request_kwargs)
         with lock:
             state["failures"] = 0 if reply.ok else state["failures"] + 1
             state["last"] = reply.error or state["last"]
@@ -570,6 +604,7 @@ def prometheus_text(replies: list[Reply], quality: dict[str, dict[str, float]] |
     ``apt_request_latency_seconds`` (a histogram), ``apt_completion_tokens_total``, ``apt_tokens_per_second``
     (with ``seconds``, the load's wall time) and ``apt_quality_ratio{version, figure}`` from ``quality``
     (version -> :func:`quality_figures`)."""
+    require_serving(("prometheus_client",))
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
     registry = CollectorRegistry()
@@ -720,6 +755,7 @@ def ab_test(a: Endpoint, b: Endpoint, rows: list[dict], seed: int = 0, alpha: fl
     better with p < α, ``"A"`` when worse, ``"no difference"`` otherwise. Failed requests count in ``errors``, not
     in the rates."""
     arms = split_traffic(len(rows), seed)
+    load_kwargs.setdefault("seed", seed)
     load = run_load([a if arm == "A" else b for arm in arms], rows, desc=f"A/B {a.name} vs {b.name}", **load_kwargs)
     outcomes = {"A": [], "B": []}
     for arm, reply in zip(arms, load.replies):
@@ -769,7 +805,8 @@ def collect_feedback(endpoint: Endpoint, rows: list[dict], noise: float = 0.1, m
     for attempt in range(max_regenerations + 1):
         if not pending:
             break
-        load = run_load(endpoint, pending, desc=f"feedback ({'ask' if attempt == 0 else 'regenerate'})", **load_kwargs)
+        load = run_load(endpoint, pending, desc=f"feedback ({'ask' if attempt == 0 else 'regenerate'})",
+                        **{"seed": rng.randrange(2**31), **load_kwargs})
         again = []
         for reply in load.replies:
             if not reply.ok:

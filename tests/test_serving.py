@@ -300,6 +300,12 @@ def test_serve_query_stream_ab_and_kill_mid_load(tok, tiny_path, tmp_path):
         streamed = serving.send_request(eb, {"prompt": "hello, i am ann"}, max_tokens=4, stream=True)
         assert streamed.ok and streamed.text and streamed.first_token_s is not None and streamed.completion_tokens <= 4
         rows = serving.product_traffic(12, "test", seed=0)
+        # a sampling model (temperature 1), seeded requests: the same replies at any concurrency, other replies
+        # under another seed
+        runs = [serving.run_load(ea, rows, concurrency=c, max_tokens=6, seed=s) for c, s in ((1, 5), (4, 5), (4, 6))]
+        texts = [[r.text for r in load.replies] for load in runs]
+        assert texts[0] == texts[1] != texts[2]
+        assert serving.request_seed(5, 0) != serving.request_seed(5, 1) != serving.request_seed(6, 1)
         test = serving.ab_test(ea, eb, rows, seed=0, concurrency=3, max_tokens=6)
         assert test["n_a"] + test["n_b"] == 12 and test["errors"] == 0 and 0 <= test["p_value"] <= 1
         summary = serving.load_summary(test["load"])
