@@ -91,3 +91,24 @@ def format_report(records: list[dict]) -> str:
     lines = [f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows]
     lines.insert(1, "-" * max(len(line) for line in lines))
     return "\n".join(lines)
+
+
+def sweep_ranges(chapter: str, metrics, profile: str = "tiny", path: str | Path | None = None) -> dict:
+    """``{metric: (min, max, seeds)}`` over the recorded seed sweep of ``chapter`` (``benchmarks/results/
+    seed_sweep.json``, or ``<profile>_sweep.json``): what every seed reached, for prose that quotes the sweep. A
+    metric the sweep did not record is left out; no sweep file (an installed package, no checkout) gives ``{}``."""
+    if path is None:
+        root = repo_root()
+        if root is None:
+            return {}
+        path = root / "benchmarks" / "results" / ("seed_sweep.json" if profile == "tiny" else f"{profile}_sweep.json")
+    path = Path(path)
+    if not path.exists():
+        return {}
+    rows = [r for r in json.loads(path.read_text()) if r.get("chapter") == chapter and r.get("status") == "ok"]
+    ranges = {}
+    for name in metrics:
+        values = [r["metrics"][name] for r in rows if name in r.get("metrics", {})]
+        if values:
+            ranges[name] = (min(values), max(values), sorted(r["seed"] for r in rows if name in r["metrics"]))
+    return ranges

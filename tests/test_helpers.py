@@ -113,3 +113,18 @@ def test_a_real_model_profile_records_beside_the_tiny_figures(tmp_path):
     assert records == {"tiny": 0.5, "smol": 0.25}
     assert "ch99_demo [smol]" in format_report(load_results(tmp_path))
     assert not list(tmp_path.glob("*.tmp*"))  # written atomically: no temporary file left
+
+
+def test_sweep_ranges_quote_every_seed(tmp_path):
+    from apt_course.results import sweep_ranges
+
+    rows = [{"chapter": "ch11_loyalty", "seed": s, "status": "ok", "metrics": {"gap": g, "spoof": 0.0}}
+            for s, g in ((0, 0.9), (1, 0.7), (2, 1.0))]
+    rows += [{"chapter": "ch11_loyalty", "seed": 3, "status": "failed", "metrics": {"gap": 0.0}},
+             {"chapter": "ch12_storm", "seed": 0, "status": "ok", "metrics": {"gap": 5.0}}]
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(rows))
+    assert sweep_ranges("ch11_loyalty", ["gap", "spoof", "absent"], path=path) == {
+        "gap": (0.7, 1.0, [0, 1, 2]), "spoof": (0.0, 0.0, [0, 1, 2])}
+    assert sweep_ranges("ch11_loyalty", ["gap"], path=tmp_path / "missing.json") == {}
+    assert sweep_ranges("ch11_loyalty", ["hardened_gap"])["hardened_gap"][2]  # the committed sweep has seeds
