@@ -192,13 +192,34 @@ def load_model(profile: Profile | str, stage: str = "sft", device: torch.device 
         from .checkpoints import checkpoint_path
 
         return load_pretrained(checkpoint_path(stage), device=device, dtype=dtype)
-    model = resolve_model(profile.model)
-    if Path(model).expanduser().is_dir():  # a local folder (smol, or a stand-in): tokenizer and chat template?
+    check_gpu_profile_device(profile, device)
+    name = resolve_model(profile.model)
+    if Path(name).expanduser().is_dir():  # a local folder (smol, or a stand-in): tokenizer and chat template?
         from .real_model import check_model_folder
 
-        check_model_folder(model)
-    model, tokenizer = load_pretrained(model, device=device, dtype=dtype)
+        check_model_folder(name)
+    try:
+        model, tokenizer = load_pretrained(name, device=device, dtype=dtype)
+    except OSError as exc:
+        if Path(name).expanduser().is_dir():
+            raise
+        raise OSError(f"could not load the model {name!r} from the Hugging Face Hub: {exc}\nCheck the name (and a "
+                      "login for a gated model) and the network. Offline, run the chapter with PROFILE = \"smol\" or "
+                      "\"tiny\", or point APT_COURSE_MODEL at a local copy (a save_pretrained folder)") from exc
     return cpu_precision(model, profile, device), tokenizer
+
+
+def check_gpu_profile_device(profile: Profile, device: torch.device | str) -> None:
+    """The ``gpu`` profile with the Hub's model at its full budgets on a CPU would take hours: stop with the way
+    out. A local model (stand-ins, a teacher's copy) and a scaled-down profile (CI's ``scale`` 0.02) may run."""
+    if profile.name != "gpu" or torch.device(device).type != "cpu" or profile.scale < 1:
+        return
+    if "local stand-ins" in profile.description or Path(str(profile.model)).expanduser().is_dir():
+        return
+    raise RuntimeError("PROFILE = \"gpu\" but this runtime has no GPU: its full budgets would take hours on a CPU. "
+                       "On Colab: Runtime > Change runtime type > a GPU (T4), then rerun from the top. On a CPU: "
+                       "PROFILE = \"smol\" runs the same real model offline with smaller budgets, \"tiny\" every "
+                       "chapter in about a minute")
 
 
 _PRECISION_SAID: set[str] = set()

@@ -160,7 +160,36 @@ def setup_notebook(seed: int = 0, threads: int | None = 1, device: str | None = 
         print(f"seed: {seed}, CPU threads: {set_cpu_threads(threads)}")
     else:
         print(f"seed: {seed}")
+    explain_out_of_memory()
     return chosen
+
+
+def out_of_memory_advice(exc: BaseException) -> str:
+    """What to do after a CUDA out-of-memory error: the cause, then the ways out, largest first."""
+    return (f"{type(exc).__name__}: the GPU ran out of memory. Ways out: halve the batch size in the notebook's "
+            "first cell (the parameters ending in _BATCH or BATCH_SIZE), or the reply length (MAX_NEW_TOKENS); "
+            "restart the runtime to free what earlier cells hold (Runtime > Restart session); on a free T4 (16 GB, "
+            "no bf16) a chapter that keeps a reference or reward model beside the policy needs the most; or run "
+            "the chapter on the CPU with PROFILE = \"smol\" (the same real model, smaller budgets) or \"tiny\".")
+
+
+def explain_out_of_memory() -> bool:
+    """In a notebook, print :func:`out_of_memory_advice` under a CUDA out-of-memory error's traceback (IPython's
+    custom exception handler for that one error). Returns whether it was installed (False outside IPython)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    if shell is None or not hasattr(torch.cuda, "OutOfMemoryError"):
+        return False
+
+    def handler(self, etype, value, tb, tb_offset=None):
+        self.showtraceback((etype, value, tb), tb_offset=tb_offset)
+        print("\n" + out_of_memory_advice(value))
+
+    shell.set_custom_exc((torch.cuda.OutOfMemoryError,), handler)
+    return True
 
 
 def process_state(cpu: bool = False):
