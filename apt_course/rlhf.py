@@ -13,12 +13,16 @@ One PPO update, in the style of CleanRL and TRL 0.x's PPOTrainer:
 Logged: RM score, KL to the reference (sum over tokens, per sequence), approx KL between the rollout and
 the updated policy, clip fraction, explained variance of the value head.
 
+Before any RL, :func:`best_of_n` is the baseline RL must beat: sample n replies, keep the one the RM scores
+highest. It moves the policy by at most :func:`best_of_n_kl` = log n - (n-1)/n nats, and needs no training.
+
 The library counterpart is TRL's ``RLOOTrainer`` (REINFORCE leave-one-out, no value head):
 :func:`rloo_advantages` and :func:`rloo_loss` write its estimator out, and a test checks them against TRL.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -227,6 +231,39 @@ def train_rlhf(policy: PolicyWithValue, ref_model, tokenizer, prompts, reward_fn
     if eval_fn is not None:
         history["eval"].append({"step": config.steps, **eval_fn(policy.lm)})
     return history
+
+
+# ---------------------------------------------------------------- best-of-n: the baseline without training
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(π_bon ‖ π) = log n - (n-1)/n nats: how far best-of-n sampling moves from the policy it samples
+    (Stiennon et al. 2020; Beirami et al. 2024 show it is an upper bound, reached when no two replies tie). With
+    continuous reward ranks u ~ U(0, 1), π_bon has density n·u^(n-1), and E[log(n·u^(n-1))] = log n - (n-1)/n."""
+    if n < 1:
+        raise ValueError(f"best-of-n needs n >= 1 samples, got {n}")
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n(prompts: list, samples: list[list[str]], reward_fn, ns=(1, 2, 4, 8)) -> dict[int, dict]:
+    """Best-of-n selection for every n in ``ns``: ``samples[i]`` holds prompt i's sampled replies; for each n, the
+    reply the RM scores highest among the first n of them (nested: best-of-4 sees best-of-2's samples). Scores
+    every reply once. Returns ``{n: {"replies": [...], "score": mean selected RM score, "kl_bound": ...}}``."""
+    if len(samples) != len(prompts):
+        raise ValueError(f"{len(samples)} groups of samples for {len(prompts)} prompts: give one group per prompt")
+    k = min(map(len, samples)) if samples else 0
+    if not ns or max(ns) > k:
+        raise ValueError(f"best-of-{max(ns) if ns else '?'} needs at least that many samples per prompt; the "
+                         f"smallest group has {k}")
+    name = check_reward_fn(reward_fn)
+    flat_prompts = [p for p, group in zip(prompts, samples) for _ in group[:k]]
+    scores = _scores(reward_fn, name, flat_prompts, [r for group in samples for r in group[:k]]).view(len(prompts), k)
+    out = {}
+    for n in ns:
+        best = scores[:, :n].argmax(1).tolist()
+        out[n] = {"replies": [group[j] for group, j in zip(samples, best)],
+                  "score": scores[:, :n].max(1).values.mean().item(), "kl_bound": best_of_n_kl(n)}
+    return out
 
 
 # ---------------------------------------------------------------- RLOO: the library counterpart, written out

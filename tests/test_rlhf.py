@@ -236,3 +236,38 @@ def test_gpu_path_on_a_locally_saved_model(tiny_path, monkeypatch):
     assert len(history["score"]) == 1
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_rlhf_reward_fn(profile, reward_model="./no-such-rm")
+
+
+def test_best_of_n_kl_is_the_exact_kl_of_best_of_n_without_ties():
+    """On a policy uniform over m replies with distinct rewards, best-of-n picks reply i (in reward order) with
+    probability (i/m)^n - ((i-1)/m)^n; its exact KL to the policy tends to log n - (n-1)/n as m grows."""
+    import math
+
+    from apt_course.rlhf import best_of_n_kl
+
+    m = 20000
+    for n in (1, 2, 4, 16):
+        i = torch.arange(1, m + 1, dtype=torch.float64)
+        p_bon = (i / m) ** n - ((i - 1) / m) ** n
+        exact = (p_bon * torch.log(p_bon * m)).sum().item()
+        assert abs(exact - best_of_n_kl(n)) < 2e-3, (n, exact, best_of_n_kl(n))
+    assert best_of_n_kl(1) == 0 and best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
+    with pytest.raises(ValueError, match="n >= 1"):
+        best_of_n_kl(0)
+
+
+def test_best_of_n_keeps_the_highest_scored_of_the_first_n():
+    from apt_course.rlhf import best_of_n
+
+    def reward_fn(prompts, completions):  # longer is better
+        return torch.tensor([float(len(c)) for c in completions])
+
+    samples = [["a", "aaa", "aa", "aaaa"], ["bb", "b", "bbbbb", "bbb"]]
+    out = best_of_n(["p", "q"], samples, reward_fn, ns=(1, 2, 4))
+    assert out[1]["replies"] == ["a", "bb"] and out[2]["replies"] == ["aaa", "bb"]
+    assert out[4]["replies"] == ["aaaa", "bbbbb"] and out[4]["score"] == 4.5
+    assert out[1]["kl_bound"] == 0
+    with pytest.raises(ValueError, match="best-of-8 needs at least that many samples"):
+        best_of_n(["p", "q"], samples, reward_fn, ns=(8,))
+    with pytest.raises(ValueError, match="one group per prompt"):
+        best_of_n(["p"], samples, reward_fn)
