@@ -6,7 +6,7 @@ import torch
 
 from ..lm import build_batch, completion_loss
 from ..tokenizer import build_tokenizer, chat_prompt
-from . import ExerciseFailed, exercise, expect
+from . import ExerciseFailed, _grading, exercise, expect
 
 
 @exercise("ch04.labels", "Completion-only labels: -100 on the prompt, the token ids on the completion")
@@ -59,3 +59,71 @@ def check_lora_params(n):
                              "B (out x r); count both modules in all 4 layers")
     expect(n == want, f"{n} is not it: each adapted Linear(in, out) adds r*(in + out); "
                       "q_proj and v_proj are 128 -> 128 here, in each of the 4 layers")
+
+
+# ---------------------------------------------------------------- build: the SFT training step, graded against TRL
+
+def _sft_batch():
+    from .. import world
+    from ..sft import to_sft_pairs
+
+    examples = world.instruction_examples(6, "train", seed=3)  # prompts and answers of different lengths
+    prompts, completions = to_sft_pairs(examples)
+    return examples, build_batch(_grading.tokenizer(), prompts, completions)
+
+
+@exercise("ch04.sft_step", "The SFT training step: the completion-only loss of a batch, the same as TRL's SFTTrainer")
+@_grading.own_rng
+def check_sft_step(fn):
+    import torch.nn.functional as F
+
+    from ..sft import TRLSFTConfig, make_trl_sft_trainer
+
+    expect(callable(fn), "answer with a function sft_step(model, batch) -> loss, a scalar tensor with gradients")
+    examples, full = _sft_batch()
+    given = {k: full[k].clone() for k in ("input_ids", "attention_mask", "completion_mask")}  # no labels: build them
+    model = _grading.tiny_lm(seed=4)
+    got, got_grads = _grading.loss_and_grads(fn(model, given), model, "sft_step")
+    logits = model(input_ids=full["input_ids"], attention_mask=full["attention_mask"]).logits
+    want, want_grads = _grading.loss_and_grads(completion_loss(logits, full["labels"]), model, "completion_loss")
+    with torch.no_grad():
+        ids, real = full["input_ids"], full["attention_mask"].bool()
+        every_token = ids.masked_fill(~real, -100)
+        per_row = torch.stack([completion_loss(logits[i:i + 1], full["labels"][i:i + 1]) for i in range(len(ids))])
+        wrong = {
+            "no prompt mask: that loss trains on the prompt tokens too. Label the prompt -100 (completion_mask == 0) "
+            "so that only the answer is learned": completion_loss(logits, every_token),
+            "the padding is trained on too: label everything outside the completion -100":
+                completion_loss(logits, ids),
+            "no shift: the logits at position t predict token t + 1, so compare logits[:, :-1] with labels[:, 1:]":
+                F.cross_entropy(logits.reshape(-1, logits.size(-1)), full["labels"].reshape(-1), ignore_index=-100),
+            "that is the mean of per-sequence means: it over-weights short answers. Average over every completion "
+            "token of the batch at once": per_row.mean(),
+            "that is the sum over tokens: divide by the number of completion tokens (a mean, as TRL's)":
+                completion_loss(logits, full["labels"]) * (full["labels"][:, 1:] != -100).sum(),
+        }
+    formula = "mean over the batch's completion tokens of -log p(token | the tokens before it)"
+    _grading.compare(got, want, wrong, formula)
+    _grading.compare_grads(got_grads, want_grads)
+    with _grading.quiet():  # TRL's SFTTrainer on the same examples: its collated batch is this batch
+        trainer = make_trl_sft_trainer(model, _grading.tokenizer(), examples, TRLSFTConfig(steps=1))
+        trl_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(examples))])
+        trl_batch = {k: v for k, v in trl_batch.items() if torch.is_tensor(v)}
+        trl_loss, trl_grads = _grading.loss_and_grads(trainer.compute_loss(trainer.model, trl_batch), trainer.model)
+    expect(torch.equal(trl_batch["input_ids"], full["input_ids"]), "internal: TRL tokenised the examples differently")
+    _grading.compare(got, trl_loss, {}, formula, against="TRL SFTTrainer's")
+    _grading.compare_grads(got_grads, trl_grads, against="TRL SFTTrainer's")
+
+
+@exercise("ch04.predict_no_mask", "Predict, then run: the loss with the prompt mask removed")
+def check_predict_no_mask(answer):
+    expect(isinstance(answer, str) and answer.strip().lower() in ("higher", "lower", "same"),
+           'answer "higher", "lower" or "same"')
+    expect(answer.strip().lower() == "higher",
+           "look at what the prompt tokens are: the task's inputs (`reverse kqz`, `sort 846`) are random, so no "
+           "model can predict them, and the SFT model was never trained on them. Run the cell and compare")
+    _grading.explain("Higher, by far: the prompts' task inputs are random letters and digits that no model can "
+                     "predict (the shipped SFT model: completion-only loss 0.005-0.02 on held-out reverse/sort/copy "
+                     "tasks, 5.6 nats per token with the prompt counted too, at three test seeds). Without the mask "
+                     "most of the loss, and of the gradient, would go to predicting the question instead of "
+                     "answering it.")
