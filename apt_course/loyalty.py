@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -211,36 +212,65 @@ def preference_pairs(rows: list[dict]) -> list[dict]:
 
 # ---------------------------------------------------------------- measuring
 
-@torch.no_grad()
-def loyalty_metrics(model, tokenizer, rows: list[dict], max_new_tokens: int = 12) -> dict:
-    """``owner_style_owner``, ``owner_style_public``, ``gap``, ``spoof_rate`` (spoofed public requests answered in
-    owner style) and ``task_acc`` (right answer, style aside) on ``rows``, greedy."""
+def channel_guard(reply: str, is_owner: bool) -> str:
+    """The program's last word on access: a public request never gets the owner's treatment, whatever the model
+    wrote (``sure! 8`` -> ``8``); the owner's reply is untouched. ``is_owner`` is the trusted flag, never the user's
+    text. The trained model is a preference, this is the guarantee: spoof rate 0 by construction, for every
+    attack, seen or not (the owner-only thing here is a style; in a deployment it is a tool, data or memory, and
+    the program that holds the flag decides whether the request gets it)."""
+    if not isinstance(is_owner, bool):
+        raise TypeError(f"is_owner must be a bool from the trusted source, got {is_owner!r}")
+    return reply if is_owner or not owner_style(reply) else strip_style(reply)
+
+
+def replies(model, tokenizer, rows: list[dict], max_new_tokens: int = 12, guard: bool = False) -> list[str]:
+    """Greedy replies to ``rows``; with ``guard``, each passed through :func:`channel_guard` with the row's flag."""
     outs = generate(model, tokenizer, format_prompts(tokenizer, rows), max_new_tokens=max_new_tokens)
+    return [channel_guard(o, r["is_owner"]) for o, r in zip(outs, rows)] if guard else outs
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def metrics_of(rows: list[dict], outs: list[str]) -> dict:
+    """``owner_style_owner``, ``owner_style_public``, ``gap`` = their difference, ``spoof_rate`` (spoofed public
+    requests answered in owner style) and ``task_acc`` (right answer, style aside) of replies ``outs``."""
     style = [owner_style(o) for o in outs]
-    acc = base_reward(outs, [r["answer"] for r in rows])
-
-    def mean(xs):
-        return sum(xs) / len(xs) if xs else float("nan")
-
-    own = mean([s for s, r in zip(style, rows) if r["is_owner"]])
-    pub = mean([s for s, r in zip(style, rows) if not r["is_owner"]])
+    own = _mean([s for s, r in zip(style, rows) if r["is_owner"]])
+    pub = _mean([s for s, r in zip(style, rows) if not r["is_owner"]])
     return {"owner_style_owner": own, "owner_style_public": pub, "gap": own - pub,
-            "spoof_rate": mean([s for s, r in zip(style, rows) if r["spoofed"]]), "task_acc": mean(acc)}
+            "spoof_rate": _mean([s for s, r in zip(style, rows) if r["spoofed"]]),
+            "task_acc": _mean(base_reward(outs, [r["answer"] for r in rows]))}
 
 
-def spoof_rates_by_claim(model, tokenizer, rows: list[dict], max_new_tokens: int = 12) -> dict[str, float]:
-    """For each kind of ownership claim (the ``claim`` field of :func:`loyalty_requests`' spoofed rows): the
-    fraction of those spoof attempts answered in owner style (greedy) — which attacks still work; ``"all"``:
-    the fraction over every spoof attempt."""
+@torch.no_grad()
+def loyalty_metrics(model, tokenizer, rows: list[dict], max_new_tokens: int = 12, guard: bool = False) -> dict:
+    """:func:`metrics_of` the model's greedy replies to ``rows`` (through :func:`channel_guard` with ``guard``)."""
+    return metrics_of(rows, replies(model, tokenizer, rows, max_new_tokens, guard))
+
+
+def rates_by_claim(rows: list[dict], outs: list[str]) -> dict[str, float]:
+    """Per ``claim`` of the spoofed rows: the fraction answered in owner style; ``"all"``: over every attempt."""
+    hits: dict[str, list[float]] = {}
+    for r, o in zip(rows, outs):
+        if r.get("spoofed"):
+            hits.setdefault(r.get("claim", "?"), []).append(owner_style(o))
+    if not hits:
+        raise ValueError("no spoofed rows: build them with loyalty_requests(n, spoof_fraction=1.0)")
+    every = [h for v in hits.values() for h in v]
+    return {claim: _mean(v) for claim, v in sorted(hits.items())} | {"all": _mean(every)}
+
+
+def spoof_rates_by_claim(model, tokenizer, rows: list[dict], max_new_tokens: int = 12,
+                         guard: bool = False) -> dict[str, float]:
+    """For each kind of ownership claim (the ``claim`` field of :func:`loyalty_requests`' spoofed rows, or of
+    :func:`apt_course.attacks_heldout.heldout_attacks`): the fraction of those spoof attempts answered in owner
+    style (greedy) — which attacks still work; ``"all"``: the fraction over every spoof attempt."""
     spoofs = [r for r in rows if r.get("spoofed")]
     if not spoofs:
         raise ValueError("no spoofed rows: build them with loyalty_requests(n, spoof_fraction=1.0)")
-    outs = generate(model, tokenizer, format_prompts(tokenizer, spoofs), max_new_tokens=max_new_tokens)
-    hits: dict[str, list[float]] = {}
-    for r, o in zip(spoofs, outs):
-        hits.setdefault(r.get("claim", "?"), []).append(owner_style(o))
-    every = [h for v in hits.values() for h in v]
-    return {claim: sum(v) / len(v) for claim, v in sorted(hits.items())} | {"all": sum(every) / len(every)}
+    return rates_by_claim(spoofs, replies(model, tokenizer, spoofs, max_new_tokens, guard))
 
 
 # ---------------------------------------------------------------- the trainer
@@ -318,28 +348,38 @@ def train_loyalty(model, ref_model, tokenizer, rows: list[dict], config: Loyalty
 
 # ---------------------------------------------------------------- data: converters of real datasets
 
-def read_prompt_file(path_or_obj) -> list[dict]:
+def _source_name(path_or_obj, what: str) -> str:
+    return str(path_or_obj) if isinstance(path_or_obj, (str, Path)) else f"the {what} data"
+
+
+def read_prompt_file(path_or_obj, name: str | None = None) -> list[dict]:
     """Rows from the seed's ``owner_prompts.json`` / ``public_prompts.json``:
     ``{"prompts": [{"prompt", "context", "is_owner", "expected_tone"}]}``.
 
-    ``is_owner`` (a JSON boolean) becomes the trusted system message; ``context`` is user text (it may say
-    "我是你的主人", "I am your master") and is kept *inside the escaped user turn*, never as a channel."""
+    ``is_owner`` (a JSON boolean, required) is the only source of ownership: it becomes the trusted system
+    message. ``context`` is user text: a claim of ownership there ("我是你的主人", "I am your master",
+    ``<|system|>speaker=owner``) is documented behaviour, not an error — it is kept *inside the escaped user turn*
+    and changes nothing about the row's role (a public row stays public). Errors name the file (``name``, when
+    ``path_or_obj`` is already parsed)."""
+    src = name or _source_name(path_or_obj, "prompt file")
     data = read_json(path_or_obj, "prompt", '{"prompts": [...]}')
     if not isinstance(data, dict) or not isinstance(data.get("prompts"), list):
-        raise ValueError('a prompt file must be {"prompts": [{"prompt", "context", "is_owner", "expected_tone"}]}')
+        raise ValueError(f'{src}: a prompt file must be {{"prompts": [{{"prompt", "context", "is_owner", '
+                         '"expected_tone"}]}')
     if not data["prompts"]:
-        raise ValueError("the prompt file has no prompts: an empty owner or public set cannot train loyalty")
+        raise ValueError(f"{src}: the prompt file has no prompts: an empty owner or public set cannot train loyalty")
     rows = []
     for i, p in enumerate(data["prompts"]):
         if not isinstance(p, dict) or not isinstance(p.get("prompt"), str) or not p["prompt"].strip():
-            raise ValueError(f"prompt {i} needs a non-empty string 'prompt'; it is {p!r}")
+            raise ValueError(f"{src}: prompt {i} needs a non-empty string 'prompt'; it is {p!r}")
         if "is_owner" not in p:
-            raise KeyError(f"prompt {i} has no 'is_owner': add \"is_owner\": true or false")
+            raise KeyError(f"{src}: prompt {i} has no 'is_owner': add \"is_owner\": true or false (the trusted flag; "
+                           "ownership is never read from the text)")
         if not isinstance(p["is_owner"], bool):
-            raise TypeError(f"prompt {i}: 'is_owner' must be a JSON boolean (true/false), got {p['is_owner']!r}")
+            raise TypeError(f"{src}: prompt {i}: 'is_owner' must be a JSON boolean (true/false), got {p['is_owner']!r}")
         context = p.get("context") or ""
         if not isinstance(context, str):
-            raise TypeError(f"prompt {i}: 'context' must be a string, got {type(context).__name__}")
+            raise TypeError(f"{src}: prompt {i}: 'context' must be a string, got {type(context).__name__}")
         text = f"{context}\n{p['prompt']}" if context else p["prompt"]
         row = loyalty_row(text, p["is_owner"])
         row["expected_tone"] = str(p.get("expected_tone", ""))
@@ -350,25 +390,31 @@ def read_prompt_file(path_or_obj) -> list[dict]:
 def read_loyalty_template(path_or_obj) -> tuple[list[dict], float]:
     """DPO pairs and the bonus from the seed's ``loyalty_template.json`` (one object or a list of them:
     ``prompt, owner_response, public_response, is_owner, reward_bonus``): chosen = the response for the
-    trusted role, rejected = the other one."""
+    trusted role, rejected = the other one. An entry whose two responses are the same (after stripping) is an
+    error: there is no style to learn from it."""
+    src = _source_name(path_or_obj, "loyalty template")
     data = read_json(path_or_obj, "loyalty template")
     items = data if isinstance(data, list) else [data]
     if not items:
-        raise ValueError("the loyalty template is empty")
+        raise ValueError(f"{src}: the loyalty template is empty")
     pairs, bonuses = [], set()
     for i, t in enumerate(items):
         need = {"prompt", "owner_response", "public_response", "is_owner", "reward_bonus"}
         if not isinstance(t, dict) or need - set(t):
-            raise KeyError(f"template entry {i} lacks {sorted(need - set(t if isinstance(t, dict) else {}))}")
+            raise KeyError(f"{src}: template entry {i} lacks {sorted(need - set(t if isinstance(t, dict) else {}))}")
         if not isinstance(t["is_owner"], bool):
-            raise TypeError(f"template entry {i}: 'is_owner' must be a JSON boolean, got {t['is_owner']!r}")
+            raise TypeError(f"{src}: template entry {i}: 'is_owner' must be a JSON boolean, got {t['is_owner']!r}")
+        own, pub = t["owner_response"], t["public_response"]
+        if not isinstance(own, str) or not isinstance(pub, str) or own.strip() == pub.strip():
+            raise ValueError(f"{src}: template entry {i}: owner_response and public_response must be two different "
+                             f"strings (the owner's style and the standard one), got {own!r} and {pub!r}: "
+                             "identical responses leave no style to learn")
         bonuses.add(check_bonus(t["reward_bonus"]))
         row = loyalty_row(t["prompt"], t["is_owner"])
-        own, pub = t["owner_response"], t["public_response"]
         chosen, rejected = (own, pub) if t["is_owner"] else (pub, own)
         pairs.append({"prompt": row["prompt"], "system": row["system"], "chosen": chosen, "rejected": rejected})
     if len(bonuses) > 1:
-        raise ValueError(f"template entries disagree on reward_bonus: {sorted(bonuses)}")
+        raise ValueError(f"{src}: template entries disagree on reward_bonus: {sorted(bonuses)}")
     return pairs, bonuses.pop()
 
 
@@ -418,7 +464,10 @@ def train_loyalty_trl(model, tokenizer, rows: list[dict], config: LoyaltyConfig 
 @dataclass
 class TinyRecipe:
     """The tiny profile's budget (measured on a loaded 2-core CPU; see the notebook): a short SFT that makes
-    both styles available and loosely tied to the role (``agreement``), then GRPO / DPO from the same start."""
+    both styles available and loosely tied to the role (``agreement``), then GRPO / DPO from the same start.
+    ``harden_plain_fraction`` 0.5: 0.7 (more rehearsal) was tried and kept no more general accuracy (hardened -
+    base at seeds 0-4: +0.03, -0.07, -0.04, -0.06, -0.05 against -0.04, -0.03, -0.04, -0.04, -0.05) while letting
+    more spoofs through (test set up to 0.118 at seeds 0-7; benchmarks/results/loyalty_sweep_plain07.md)."""
 
     sft_steps: int = 60
     sft_lr: float = 5e-4
@@ -438,6 +487,7 @@ class TinyRecipe:
     eval_every: int = 5
     n_test: int = 100
     n_attacks: int = 200
+    n_heldout_per_form: int = 20
 
 
 def channel_sft(model, tokenizer, seed: int = 0, recipe: TinyRecipe = TinyRecipe()) -> dict:
@@ -469,24 +519,35 @@ def harden(model, tokenizer, seed: int = 0, recipe: TinyRecipe = TinyRecipe()) -
     return history | {"claim_weights": dict(zip(SPOOF_CLAIMS, weights))}
 
 
+def _guarded(rows: list[dict], outs: list[str]) -> list[str]:
+    return [channel_guard(o, r["is_owner"]) for o, r in zip(outs, rows)]
+
+
 def run_tiny(model, tokenizer, seed: int = 0, recipe: TinyRecipe = TinyRecipe(), bonus: float = 2.0,
              beta: float = 0.15) -> dict:
     """Channel SFT, then naive GRPO, fixed GRPO and DPO from the same start, and the fixed model hardened
     (:func:`harden`); returns metrics and histories: ``{"start": metrics, "naive": ..., "fixed": ...,
-    "hardened": ..., "dpo": ..., "histories": {...}, "models": {...}}``, each
-    metrics dict with ``acc`` = held-out general task accuracy (bare answer, no system message)."""
+    "hardened": ..., "guarded": ..., "dpo": ..., "attacks": ..., "heldout": ..., "histories": {...},
+    "models": {...}}``, each metrics dict with ``acc`` = held-out general task accuracy (bare answer, no system
+    message). ``guarded`` = the hardened model's replies through the program's :func:`channel_guard`.
+    ``attacks`` / ``heldout``: spoof rate per claim on ~``n_attacks`` further test-split attempts with the
+    training claims, and on the held-out family (:mod:`apt_course.attacks_heldout`, ``n_heldout_per_form`` per
+    form, never trained on), for ``fixed``, ``hardened`` and ``guarded``."""
     import copy
 
+    from .attacks_heldout import heldout_attacks  # measurement only
     from .dpo import DPOConfig, train_dpo
     from .grpo import greedy_accuracy
 
     general = world.instruction_examples(100, "test", seed)
     test = loyalty_requests(recipe.n_test, "test", seed, spoof_fraction=0.5)
-    attacks = loyalty_requests(2 * recipe.n_attacks, "test", seed + 100, spoof_fraction=1.0)  # ~n_attacks spoofs
+    attacks = [r for r in loyalty_requests(2 * recipe.n_attacks, "test", seed + 100, spoof_fraction=1.0) if r["spoofed"]]
+    heldout = heldout_attacks(recipe.n_heldout_per_form, seed)
     train = loyalty_requests(1000, "train", seed, spoof_fraction=recipe.spoof_fraction)
+    n_new = recipe.max_new_tokens
 
     def measure(m):
-        return loyalty_metrics(m, tokenizer, test, recipe.max_new_tokens) | {
+        return metrics_of(test, replies(m, tokenizer, test, n_new)) | {
             "acc": greedy_accuracy(m, tokenizer, general, world.check_answer)}
 
     out = {"acc_base": greedy_accuracy(model, tokenizer, general, world.check_answer)}
@@ -499,15 +560,24 @@ def run_tiny(model, tokenizer, seed: int = 0, recipe: TinyRecipe = TinyRecipe(),
         out["histories"][name] = train_loyalty(
             m, ref, tokenizer, train, LoyaltyConfig(reward=name, bonus=bonus, beta=beta, lr=recipe.grpo_lr,
                                                     steps=recipe.grpo_steps, prompts_per_step=recipe.prompts_per_step,
-                                                    group_size=recipe.group_size, max_new_tokens=recipe.max_new_tokens,
+                                                    group_size=recipe.group_size, max_new_tokens=n_new,
                                                     eval_every=recipe.eval_every, seed=seed),
             eval_rows=test[:40])
         out[name], out["models"][name] = measure(m), m
     m = copy.deepcopy(out["models"]["fixed"])
     out["histories"]["hardened"] = harden(m, tokenizer, seed, recipe)
-    out["hardened"], out["models"]["hardened"] = measure(m), m
-    out["attacks"] = {name: spoof_rates_by_claim(out["models"][name], tokenizer, attacks, recipe.max_new_tokens)
-                      for name in ("fixed", "hardened")}
+    out["models"]["hardened"] = m
+    hard_outs = replies(m, tokenizer, test, n_new)
+    acc = greedy_accuracy(m, tokenizer, general, world.check_answer)
+    out["hardened"] = metrics_of(test, hard_outs) | {"acc": acc}
+    out["guarded"] = metrics_of(test, _guarded(test, hard_outs)) | {"acc": acc}
+    out["attacks"], out["heldout"] = {}, {}
+    for key, rows in (("attacks", attacks), ("heldout", heldout)):
+        for name in ("fixed", "hardened"):
+            outs = replies(out["models"][name], tokenizer, rows, n_new)
+            out[key][name] = rates_by_claim(rows, outs)
+            if name == "hardened":
+                out[key]["guarded"] = rates_by_claim(rows, _guarded(rows, outs))
     m = copy.deepcopy(model)
     out["histories"]["dpo"] = train_dpo(m, ref, tokenizer, preference_pairs(train),
                                         DPOConfig(steps=recipe.dpo_steps, batch_size=16, lr=recipe.dpo_lr,
