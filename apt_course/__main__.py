@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
                             "dataset info, results")
     launch.add_argument("--data-dir", default=None, help="dataset folder (default: data/apt_datasets)")
     launch.add_argument("--output-dir", default=None, help="pipeline output folder (default: runs/apt_pipeline)")
+    launch.add_argument("--profile", default=None, help="tiny, smol or gpu (menu entry 8 changes it)")
+    launch.add_argument("--base-model", default=None, help="the model training starts from (default: the profile's)")
     rep = sub.add_parser("report", help="print every recorded chapter's figures as one table; with OUTPUT_DIR, a "
                          "pipeline run's history table (and plots written beside it)")
     rep.add_argument("output_dir", nargs="?", default=None, help="a folder `apt-course train` wrote")
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "launch":
         from .launcher import launch as run_launcher
 
-        return run_launcher(data_dir=args.data_dir, output_dir=args.output_dir)
+        return run_launcher(data_dir=args.data_dir, output_dir=args.output_dir, profile=args.profile,
+                            base_model=args.base_model)
     elif args.command == "report" and args.output_dir is not None:
         from .cli import report
         from .pipeline import PipelineError

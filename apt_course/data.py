@@ -618,6 +618,39 @@ def s1k_to_storm(rows, trajectory: str = "deepseek", only_graded_correct: bool =
     return out
 
 
+def final_answer(text: str) -> str:
+    """A write-up's final answer: the content of its last ``\\boxed{...}`` (nested braces kept), else its last
+    non-empty line; the text after any ``</think>``, with ``$`` signs, outer spaces and a final period removed.
+    (``"so ... $\\boxed{\\frac{1}{2}}$."`` -> ``"\\frac{1}{2}"``; ``"It boils at 100 C."`` -> ``"It boils at 100 C"``.)"""
+    text = str(text).split("</think>")[-1]
+    start = text.rfind("\\boxed{")
+    if start >= 0:
+        depth, i = 0, start + len("\\boxed")
+        for j in range(i, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                return text[i + 1:j].strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1].replace("$", "").strip().rstrip(".").strip() if lines else ""
+
+
+def answer_match(completion: str, answer: str) -> tuple[bool, bool]:
+    """``(strict, lenient)`` grading of ``completion`` against a reference ``answer`` (a final answer or a write-up):
+    strict = their :func:`final_answer` strings are equal (spaces aside); lenient = their last numbers are equal
+    (``72`` == ``72.0``), or strict when the answer has no number."""
+    from .rewards import _NUMBER, numbers_equal
+
+    def norm(s):
+        return re.sub(r"\s+", "", final_answer(s))
+
+    strict = norm(completion) == norm(answer) != ""
+    want = _NUMBER.findall(final_answer(answer)) or _NUMBER.findall(str(answer))
+    if not want:
+        return strict, strict
+    got = _NUMBER.findall(str(completion).split("</think>")[-1])
+    return strict, strict or bool(got) and numbers_equal(got[-1].replace(",", ""), want[-1].replace(",", ""))
+
+
 # ---------------------------------------------------------------- red-team data (chapter 10)
 # (Anthropic/hh-rlhf "red-team-attempts" and "harmless-base", HuggingFaceH4/cai-conversation-harmless)
 

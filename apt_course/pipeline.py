@@ -20,6 +20,18 @@ storm      :func:`~apt_course.storm.train_storm` (12) ``reasoning_acc`` on held-
 pipeline, and only the main process writes the models and the history (the from-scratch trainers refuse to run
 in more than one process).
 
+Before any training, :func:`make_plan` reads and checks every data file of every stage and prints the plan: which
+stages run, on which files (rows, held-out data), which are skipped and why. As the APT documents behave, a stage
+with no data is skipped (the README's full command has no ``--dpo-data``: DPO is skipped); GRPO on open prompts
+(plain strings, no ``answer``) needs ``--reward-model`` (a sequence-classification folder, e.g. chapter 05's
+``data/checkpoints/rm``), and without one it is skipped, saying why; the loyalty stage without a template runs GRPO
+with the owner bonus alone. A file of one row is measured on the row it trains on (the plan says so).
+
+The history keeps, beside the course's ``stages`` list, a top-level key per finished stage in the APT documents'
+schema (:func:`document_record`: ``{"sft": {"dataset", "epochs", "final_loss"}, "grpo": {..., "group_size"},
+"loyalty": {"owner_prompts", "public_prompts", "owner_bonus", ...}, "storm": {..., "internalize_cot"}}``) and the
+plan.
+
 Every stage also records ``general_acc`` (the SFT stage's held-out accuracy), so what a later stage costs in
 general ability is on the record. A run is resumable: started again with the same output folder, it continues
 after the last stage whose model and history record are both complete. :func:`validate` checks every input
@@ -49,6 +61,8 @@ import torch
 from . import world
 from .data import (
     MATH_SYSTEM,
+    answer_match,
+    apt_prompts_to_rows,
     load_prompts,
     read_json,
     split_reasoning,
@@ -59,7 +73,10 @@ from .data import (
 from .dpo import DPOConfig, implicit_reward_accuracy, train_dpo
 from .evaluate import accuracy
 from .grpo import GRPOConfig, greedy_accuracy, train_grpo
+from .lm import format_prompts, generate
 from .loyalty import OWNER_STYLE, fixed_loyalty_reward, loyalty_metrics, strip_style
+from .orpo import ORPOConfig, train_orpo
+from .pipeline_data import chat_row, guess_flag
 from .rewards import correctness_reward, format_reward, math_correctness_reward, math_format_reward
 from .sft import SFTConfig, heldout_loss, train_sft
 from .storm import StormConfig, evaluate_storm, train_storm
@@ -74,6 +91,7 @@ DATA_FILES = {  # the files each stage reads, as `apt-course prepare` names them
     "loyalty_template": "loyalty_template.json", "reasoning_data": "s1k_train.json",
 }
 TRAINERS = ("scratch", "trl")
+DPO_LOSSES = ("sigmoid", "ipo", "simpo", "kto", "orpo")  # the DPO stage's losses (chapters 07 and 08)
 STAGE_DATA = {"sft": ("sft_data",), "dpo": ("dpo_data",), "grpo": ("prompts",),
               "loyalty": ("owner_data", "public_data"), "storm": ("reasoning_data",)}
 
@@ -94,8 +112,11 @@ class PipelineConfig:
     checkpoint, the chapter 04 assistant; the pipeline's SFT stage teaches it the channel roles and courtesy.)
 
     Budgets, per stage: ``<stage>_steps`` optimiser steps, or ``<stage>_epochs`` (when set: steps =
-    ceil(epochs · rows / batch)); batch sizes, learning rates. DPO's ``dpo_beta``; GRPO's prompts per step,
-    group size, ``grpo_beta``; loyalty: ``loyalty_sft_steps`` of SFT on the template (the role's response under
+    ceil(epochs · rows / batch)); batch sizes, learning rates. DPO's ``dpo_beta`` and ``dpo_loss`` (sigmoid, ipo,
+    simpo, kto: :class:`~apt_course.dpo.DPOConfig`'s ``loss_type``; orpo: chapter 08's
+    :func:`~apt_course.orpo.train_orpo`, ``dpo_beta`` its λ); GRPO's prompts per step, group size,
+    ``grpo_beta``, ``reward_model`` (a sequence-classification folder scoring the prompts without an ``answer``;
+    prompts with one keep the verifiable reward); loyalty: ``loyalty_sft_steps`` of SFT on the template (the role's response under
     the trusted system message), then ``loyalty_steps`` of GRPO with ``owner_bonus`` (None: the template's
     ``reward_bonus``), ``loyalty_beta``, then ``loyalty_harden_steps`` more of the template SFT (chapter 11's
     hardening: the template's spoof attempts, answered as the trusted channel says; 0 = none), then
@@ -137,12 +158,14 @@ class PipelineConfig:
     dpo_batch_size: int = 16
     dpo_lr: float = 5e-4
     dpo_beta: float = 0.1
+    dpo_loss: str = "sigmoid"
     grpo_steps: int = 24
     grpo_epochs: float | None = None
     grpo_prompts_per_step: int = 8
     grpo_group_size: int = 8
     grpo_lr: float = 3e-4
     grpo_beta: float = 0.0
+    reward_model: str | None = None
     loyalty_sft_steps: int = 24
     loyalty_sft_lr: float = 1e-3
     loyalty_harden_steps: int = 60
@@ -234,8 +257,8 @@ def split_heldout(rows: list, path: Path, reader, n_eval: int, seed: int) -> tup
     if test_path is not None:
         test = list(reader(test_path))
         return rows, random.Random(seed).sample(test, n_eval) if len(test) > n_eval else test
-    if len(rows) < 2:
-        raise ValueError(f"{path} has {len(rows)} row(s): need at least 2 (one to train on, one held out)")
+    if len(rows) < 2:  # one row (the documents' examples): measured on the row it trains on; the plan says so
+        return list(rows), list(rows)
     rows = list(rows)
     random.Random(seed).shuffle(rows)
     n = min(n_eval, max(1, len(rows) // 10))
@@ -260,10 +283,17 @@ def _files(value) -> list[Path]:
 
 def read_sft(path) -> list[dict]:
     """SFT records ``{"prompt", "response", "source"}`` (``completion``/``answer`` accepted for response; the APT
-    instruction format ``instruction``/``input``/``output`` too, ``input`` joined after a blank line) ->
+    instruction format ``instruction``/``input``/``output`` too, ``input`` joined after a blank line; OpenAI
+    ``messages`` and ShareGPT ``conversations`` rows through :func:`~apt_course.pipeline_data.chat_row`) ->
     ``{"prompt", "completion", "answer"}`` (``answer`` = the response, what exact-match accuracy compares)."""
     out = []
     for i, r in enumerate(read_records(path, "SFT")):
+        if not isinstance(r, dict):
+            raise TypeError(f"SFT file {path} row {i} is a {type(r).__name__}, not an object with prompt/response")
+        if "messages" in r or "conversations" in r:  # OpenAI messages / ShareGPT conversations
+            row = chat_row(r, f"SFT file {path} row {i}")
+            out.append(row | {"answer": row["completion"].strip()})
+            continue
         response = r.get("response", r.get("completion", r.get("output")))
         prompt = r.get("prompt", r.get("instruction"))
         if not isinstance(prompt, str) or not prompt.strip() or response is None or not str(response).strip():
@@ -303,13 +333,27 @@ def read_storm(path) -> list[dict]:
     return validate_storm_records(out, f"reasoning file {path}")
 
 
+def read_grpo_prompts(path) -> list[dict]:
+    """GRPO prompts (GSM8K JSONL, ``{"prompts": [str | {"prompt", "answer"?, "system"?}]}`` or a list of such
+    rows) -> ``{"prompt", "answer", "system"?}``; ``answer`` None where a prompt has none (an open prompt: only a
+    reward model can score it)."""
+    path = Path(path)
+    if path.suffix == ".json":
+        data = read_json(path, "prompt", '{"prompts": ["...", {"prompt": "...", "answer": "..."}]}')
+        rows = apt_prompts_to_rows(data if isinstance(data, dict) else {"prompts": data})
+    else:
+        rows = load_prompts(path)
+    return [{"prompt": r["prompt"], "answer": None if r.get("answer") is None else str(r["answer"]).strip()}
+            | ({"system": r["system"]} if r.get("system") else {}) for r in rows]
+
+
 def read_loyalty_prompts(path, want_owner: bool) -> list[dict]:
     """The seed's owner/public prompt files -> loyalty rows (trusted system message from ``is_owner``, user text
     escaped); an ``answer`` field is kept for the task reward, a ``spoofed`` flag for the spoof rate."""
     data = read_json(path, "prompt", '{"prompts": [...]}')
     from .loyalty import read_prompt_file
 
-    rows = read_prompt_file(data)
+    rows = read_prompt_file(data, name=str(path))
     for row, item in zip(rows, data["prompts"]):
         if row["is_owner"] != want_owner:
             raise ValueError(f"{path}: prompt {item.get('prompt')!r} has is_owner={row['is_owner']}, but this is the "
@@ -330,8 +374,9 @@ def read_template(path) -> tuple[list[dict], float]:
 # ---------------------------------------------------------------- validation (before any training)
 
 def uses_template(config: PipelineConfig) -> bool:
-    """Whether the loyalty stage reads the template (its SFT, hardening or DPO steps)."""
-    return bool(config.loyalty_sft_steps or config.loyalty_harden_steps or config.loyalty_dpo_steps)
+    """Whether the loyalty stage reads the template: one is given and its SFT, hardening or DPO steps are > 0."""
+    return bool(config.loyalty_template) and bool(config.loyalty_sft_steps or config.loyalty_harden_steps
+                                                  or config.loyalty_dpo_steps)
 
 
 def resolve_paths(config: PipelineConfig) -> PipelineConfig:
@@ -344,9 +389,225 @@ def resolve_paths(config: PipelineConfig) -> PipelineConfig:
     return config
 
 
-def validate(config: PipelineConfig) -> PipelineConfig:
-    """Every check that can fail before training: stage names, settings, the base model, each running stage's data
-    (present and readable in its format). Raises :class:`PipelineError` naming the fix."""
+def flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+READERS = {"sft_data": read_sft, "dpo_data": read_pairs, "prompts": read_grpo_prompts,
+           "owner_data": lambda p: read_loyalty_prompts(p, True),
+           "public_data": lambda p: read_loyalty_prompts(p, False), "reasoning_data": read_storm,
+           "loyalty_template": lambda p: read_template(p)[0]}
+
+
+def wrong_file_hint(path: Path, key: str) -> str:
+    """`` (this looks like a --prompts file: ...)`` when ``path``'s shape belongs to another flag, else ``""``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = [json.loads(text.splitlines()[0])] if path.suffix == ".jsonl" else json.loads(text)
+    except (OSError, ValueError, IndexError):
+        return ""
+    guess = guess_flag(data)
+    owner_or_public = {guess, flag(key)} <= {"--owner-data", "--public-data"}
+    if guess is None or guess == flag(key) or owner_or_public:
+        return ""
+    return f" (this looks like a {guess} file: pass it as {guess} {path}, and {flag(key)} the file it needs)"
+
+
+def read_checked(config: PipelineConfig, key: str, stage: str) -> list[tuple[Path, list]]:
+    """``[(path, rows)]`` of every file of ``key``, each read with its stage's reader; a missing or unreadable file
+    is a :class:`PipelineError` naming the flag, the file and the fix."""
+    out = []
+    for path in _files(getattr(config, key)):
+        if not path.is_file():
+            raise PipelineError(f"{flag(key)} {path} does not exist (stage {stage!r}): fix the path, run "
+                                f"`apt-course prepare`, or --skip {stage}")
+        try:
+            out.append((path, READERS[key](path)))
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise PipelineError(f"{flag(key)} {path}: {e}{wrong_file_hint(path, key)}") from None
+    return out
+
+
+def heldout_note(path: Path, rows: list, n_eval: int) -> str:
+    """How a file's rows are measured (what :func:`split_heldout` will do), for the plan."""
+    test = heldout_path(path)
+    if test is not None:
+        return f"held out: {test.name}"
+    if len(rows) < 2:
+        return "too few rows to hold one out: measured on the row it trains on (give more rows, or a _test file)"
+    return f"held out: {min(n_eval, max(1, len(rows) // 10))} of its rows"
+
+
+def plan_grpo(config: PipelineConfig, rows: list[dict], path: Path, entry: dict) -> dict:
+    """GRPO's reward: verifiable where a prompt has an ``answer``, the reward model where it has none; open prompts
+    without ``--reward-model`` are dropped, and a file of nothing but open prompts skips the stage, saying why."""
+    n_open = sum(r["answer"] is None for r in rows)
+    if config.reward_model:
+        entry["reward"] = "verifiable" if not n_open else "reward_model" if n_open == len(rows) else \
+            "verifiable+reward_model"
+        entry["notes"].append(f"reward: {entry['reward']} ({len(rows) - n_open} prompts with an answer, {n_open} "
+                              f"open prompts scored by --reward-model {config.reward_model})")
+        return entry
+    if n_open == len(rows):
+        return {"stage": "grpo", "run": False, "why": (
+            f"the {len(rows)} prompts in {path} have no 'answer' and no --reward-model is given: GRPO needs a reward. "
+            "Pass --reward-model PATH (a sequence-classification folder, e.g. data/checkpoints/rm, the one chapter 05 "
+            "trains), or prompts with answers ({\"prompt\": ..., \"answer\": ...})")}
+    entry["reward"] = "verifiable"
+    if n_open:
+        entry["notes"].append(f"{n_open} of {len(rows)} prompts have no 'answer' and are left out (no "
+                              "--reward-model to score them)")
+    return entry
+
+
+def plan_loyalty(config: PipelineConfig, entry: dict, rows: list[dict]) -> dict:
+    """The loyalty stage's parts: the template's SFT, hardening and DPO when a template is given, else GRPO with the
+    owner bonus alone; the bonus it uses."""
+    if not config.loyalty_template:
+        entry["notes"].append("no --loyalty-template: its SFT, hardening and DPO steps are skipped; GRPO with the "
+                              "owner bonus on the owner/public prompts")
+    elif not uses_template(config):
+        entry["notes"].append("--loyalty-template given but its steps are all 0: not used")
+    if all(r.get("answer") is None for r in rows):
+        entry["notes"].append("the prompts have no 'answer': the reward is the owner bonus on style alone")
+    return entry
+
+
+def make_plan(config: PipelineConfig) -> list[dict]:
+    """Which stages run, on which files (rows, held-out data), which are skipped and why: one entry per stage,
+    ``{"stage", "run", "files" | "why", "notes"}``. Every file of every stage that runs is read and checked here,
+    before any training; a stage with no data is skipped. Raises :class:`PipelineError` when nothing can run."""
+    plan = []
+    for stage in STAGES:
+        keys = STAGE_DATA[stage]
+        given = [k for k in keys if getattr(config, k)]
+        if stage in config.skip:
+            plan.append({"stage": stage, "run": False, "why": "--skip"})
+            continue
+        if not given:
+            where = " (none given, none in --data-dir)" if config.data_dir else " given"
+            plan.append({"stage": stage, "run": False, "why": f"no {' / '.join(map(flag, keys))}{where}"})
+            continue
+        if len(given) < len(keys):
+            missing = flag(next(k for k in keys if k not in given))
+            raise PipelineError(f"stage {stage!r} needs {' and '.join(map(flag, keys))}; {missing} is missing: pass "
+                                f"{missing} FILE, or --skip {stage}")
+        entry, rows = {"stage": stage, "run": True, "files": [], "notes": []}, []
+        for key in keys + (("loyalty_template",) if stage == "loyalty" and uses_template(config) else ()):
+            for path, file_rows in read_checked(config, key, stage):
+                note = heldout_note(path, file_rows, config.n_eval) if key != "loyalty_template" else "template"
+                entry["files"].append({"flag": flag(key), "path": str(path), "rows": len(file_rows), "heldout": note})
+                rows += file_rows if key != "loyalty_template" else []
+        if stage == "grpo":
+            entry = plan_grpo(config, rows, _files(config.prompts)[0], entry)
+        elif stage == "loyalty":
+            entry = plan_loyalty(config, entry, rows)
+        plan.append(entry)
+    if not any(e["run"] for e in plan):
+        why = "; ".join(f"{e['stage']}: {e['why']}" for e in plan)
+        raise PipelineError(f"no stage can run ({why}): give a stage its data (--sft-data FILE, --prompts FILE...), "
+                            "or --data-dir a folder `apt-course prepare` wrote")
+    return plan
+
+
+def format_plan(plan: list[dict]) -> str:
+    """The plan as the lines ``apt-course train`` prints before any training."""
+    lines = ["plan:"]
+    for e in plan:
+        if not e["run"]:
+            lines.append(f"  {e['stage']:8} SKIPPED: {e['why']}")
+            continue
+        files = ", ".join(f"{f['flag']} {f['path']} ({f['rows']} row{'s' * (f['rows'] != 1)}; {f['heldout']})" for f in e["files"])
+        lines.append(f"  {e['stage']:8} runs on {files}")
+        lines += [f"  {'':8}   {note}" for note in e["notes"]]
+    return "\n".join(lines)
+
+
+def check_base_model(text: str) -> None:
+    """A local ``--base-model`` must be a ``save_pretrained`` folder; when it names a stage model of an earlier run
+    that does not exist (that run skipped the stage), the error names the models that run did write."""
+    path = Path(text).expanduser()
+    local = text.startswith((".", "/", "~")) or text.count("/") != 1 or path.exists()
+    if not local or (path / "config.json").is_file():
+        return
+    hint = ("Pass a folder written by save_pretrained, e.g. data/checkpoints/base, or a Hub id such as "
+            "HuggingFaceTB/SmolLM2-135M-Instruct when online")
+    run = path.parent
+    if (run / HISTORY).is_file():
+        history = load_history(run)
+        done = [r["stage"] for r in finished_stages(run)]
+        skipped = [f"{e['stage']} was skipped there: {e['why']}" for e in history.get("plan", [])
+                   if not e["run"] and f"{e['stage']}_model" == path.name]
+        hint = "; ".join(skipped + ([f"that run wrote {', '.join(s + '_model' for s in done)}: pass --base-model "
+                                     f"{run / (done[-1] + '_model')} to go on from its last model"] if done else []))
+    raise PipelineError(f"--base-model {text}: no model there (no config.json). {hint}")
+
+
+def check_reward_model(text: str) -> None:
+    """``--reward-model``: a local folder must hold a sequence-classification model with one output (a scalar
+    reward), such as chapter 05's ``data/checkpoints/rm``; a Hub id is checked when it loads."""
+    path = Path(text).expanduser()
+    if not (text.startswith((".", "/", "~")) or text.count("/") != 1 or path.exists()):
+        return
+    fix = "pass a folder holding a sequence-classification model with one label, e.g. data/checkpoints/rm"
+    if not (path / "config.json").is_file():
+        raise PipelineError(f"--reward-model {text}: no model there (no config.json): {fix}")
+    cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    arch = (cfg.get("architectures") or ["?"])[0]
+    n_labels = len(cfg.get("id2label") or {}) or cfg.get("num_labels", 2)
+    if not arch.endswith("ForSequenceClassification") or n_labels != 1:
+        raise PipelineError(f"--reward-model {text} is a {arch} with {n_labels} label(s), not a reward model "
+                            f"(a scalar head): {fix}")
+
+
+def check_output_dir(path: Path) -> None:
+    """The output folder can be created and written (a probe file, removed), before any training."""
+    if path.exists() and not path.is_dir():
+        raise PipelineError(f"--output-dir {path} is a file, not a folder: pass a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise PipelineError(f"--output-dir {path} cannot be written ({e.strerror or e}): pass a folder you can "
+                            "write to (with room for the models)") from None
+
+
+STAGE_KEYS = {"sft": ("sft_data",), "dpo": ("dpo_data", "dpo_loss"), "grpo": ("prompts", "reward_model"),
+              "loyalty": ("owner_data", "public_data", "loyalty_template", "owner_bonus"),
+              "storm": ("reasoning_data", "noise_ratio", "noise_schedule", "storm_cot", "internalize_cot")}
+
+
+def check_resume(config: PipelineConfig, plan: list[dict]) -> None:
+    """A run resumed in a folder where a stage it would run has finished with other settings (its budgets, data,
+    the base model, profile or seed) would keep the old stage and call it this run's: refused, naming the setting
+    and the fix."""
+    out = Path(config.output_dir)
+    old = load_history(out).get("config") if (out / HISTORY).is_file() else None
+    if not old:
+        return
+    now, running = asdict(config), {e["stage"] for e in plan if e["run"]}
+    for record in finished_stages(out):
+        stage = record["stage"]
+        if stage not in running:
+            continue
+        keys = [k for k in now if k.startswith(stage + "_")] + list(STAGE_KEYS[stage]) + ["base_model", "profile",
+                                                                                            "seed"]
+        changed = [k for k in keys if k in old and old[k] != now[k]]
+        if changed:
+            k = changed[0]
+            raise PipelineError(f"{out} holds a finished {stage!r} stage trained with {k}={old[k]!r}; this run asks "
+                                f"{k}={now[k]!r}. Resuming would mix the two: pass a new --output-dir, or delete "
+                                f"{out / (stage + '_model')} (and the stages after it) to retrain from there")
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def check_settings(config: PipelineConfig) -> PipelineConfig:
+    """The checks that read no data: stage names, settings, the base and reward models, the output folder."""
     from .profiles import PROFILES
 
     config.skip = parse_skip(config.skip)
@@ -364,20 +625,28 @@ def validate(config: PipelineConfig) -> PipelineConfig:
     for name in ("sft", "dpo", "grpo", "loyalty", "storm"):
         for suffix in ("steps", "epochs"):
             value = getattr(config, f"{name}_{suffix}")
-            if value is not None and not value > 0:
+            if value is not None and not _positive(value):
                 raise PipelineError(f"{name}_{suffix} must be > 0, got {value!r}")
     for key in ("loyalty_sft_steps", "loyalty_harden_steps", "loyalty_dpo_steps"):
         if not isinstance(getattr(config, key), int) or getattr(config, key) < 0:
             raise PipelineError(f"{key} must be a whole number >= 0 (0 = none), got {getattr(config, key)!r}")
-    for key in ("sft_lr", "loyalty_sft_lr", "loyalty_dpo_lr", "dpo_lr", "grpo_lr", "loyalty_lr", "storm_lr", "dpo_beta", "n_eval"):
-        if not getattr(config, key) > 0:
-            raise PipelineError(f"{key} must be > 0, got {getattr(config, key)!r}")
+    for key in ("sft_lr", "loyalty_sft_lr", "loyalty_dpo_lr", "dpo_lr", "grpo_lr", "loyalty_lr", "storm_lr", "dpo_beta",
+                "n_eval"):
+        if not _positive(getattr(config, key)):
+            raise PipelineError(f"{key} must be a number > 0, got {getattr(config, key)!r}")
     for key in ("grpo_group_size", "loyalty_group_size"):
-        if getattr(config, key) < 2:
+        if not _positive(getattr(config, key)) or getattr(config, key) < 2:
             raise PipelineError(f"{key} must be >= 2 (GRPO compares completions within a group), got "
                                 f"{getattr(config, key)}")
+    if config.dpo_loss not in DPO_LOSSES:
+        raise PipelineError(f"--dpo-loss must be one of {', '.join(DPO_LOSSES)}, got {config.dpo_loss!r}")
+    if config.trainer == "trl" and config.dpo_loss not in ("sigmoid", "ipo"):
+        raise PipelineError(f"--dpo-loss {config.dpo_loss} runs with the from-scratch trainer only: the TRL path "
+                            "runs sigmoid or ipo (drop --trainer trl, or pick one of those)")
     try:  # the settings the chapters' own configs check
         StormConfig(r0=config.noise_ratio, schedule=config.noise_schedule, cot=config.storm_cot)
+        if config.dpo_loss != "orpo":
+            DPOConfig(loss_type=config.dpo_loss, beta=config.dpo_beta)
         if config.storm_replay < 0:
             raise ValueError(f"storm_replay must be >= 0, got {config.storm_replay}")
         if config.owner_bonus is not None:
@@ -385,35 +654,21 @@ def validate(config: PipelineConfig) -> PipelineConfig:
 
             check_bonus(config.owner_bonus)
     except ValueError as e:
-        raise PipelineError(str(e)) from None
+        raise PipelineError(str(e).replace("loss_type", "--dpo-loss")) from None
     if config.base_model is not None:
-        text = str(config.base_model)
-        local = text.startswith((".", "/", "~")) or text.count("/") != 1 or Path(text).expanduser().exists()
-        if local and not (Path(text).expanduser() / "config.json").is_file():
-            raise PipelineError(f"--base-model {text}: no model there (no config.json). Pass a folder written by "
-                                "save_pretrained, e.g. data/checkpoints/base, or a Hub id such as "
-                                "HuggingFaceTB/SmolLM2-135M-Instruct when online")
-    readers = {"sft_data": read_sft, "dpo_data": read_pairs, "prompts": load_prompts,
-               "owner_data": lambda p: read_loyalty_prompts(p, True),
-               "public_data": lambda p: read_loyalty_prompts(p, False), "reasoning_data": read_storm,
-               "loyalty_template": read_template}
-    for stage in config.stages():
-        needed = STAGE_DATA[stage] + (("loyalty_template",) if stage == "loyalty" and uses_template(config) else ())
-        for key in needed:
-            flag = "--" + key.replace("_", "-")
-            value = getattr(config, key)
-            if value is None:
-                raise PipelineError(f"stage {stage!r} needs {flag} (none given and none found in --data-dir): run "
-                                    f"`apt-course prepare --tiny` for the tiny world, or pass {flag} FILE, or "
-                                    f"--skip {stage}")
-            for path in _files(value):
-                if not path.is_file():
-                    raise PipelineError(f"{flag} {path} does not exist (stage {stage!r}); run `apt-course prepare` "
-                                        f"or fix the path, or --skip {stage}")
-                try:
-                    readers[key](path)
-                except (ValueError, KeyError, TypeError) as e:
-                    raise PipelineError(f"{flag} {path}: {e}") from None
+        check_base_model(str(config.base_model))
+    if config.reward_model is not None and "grpo" in config.stages():
+        check_reward_model(str(config.reward_model))
+    return config
+
+
+def validate(config: PipelineConfig) -> PipelineConfig:
+    """Every check that can fail before training: :func:`check_settings`, every data file of every stage that runs
+    (:func:`make_plan`), a resume's settings (:func:`check_resume`), the output folder. Raises
+    :class:`PipelineError` naming the fix."""
+    check_settings(config)
+    check_resume(config, make_plan(config))
+    check_output_dir(Path(config.output_dir))
     return config
 
 
@@ -455,8 +710,11 @@ class Pipeline:
     returns its history record."""
 
     def __init__(self, config: PipelineConfig, device="cpu", log=print):
-        self.config = validate(config)
+        self.config = check_settings(config)
+        self.plan = make_plan(config)
+        check_resume(config, self.plan)
         self.out = Path(config.output_dir)
+        check_output_dir(self.out)
         self.state = process_state(cpu=torch.device(device).type == "cpu")
         if config.trainer == "scratch" and self.state.num_processes > 1:
             raise PipelineError("the from-scratch trainers are single-process: use --trainer trl under accelerate "
@@ -556,14 +814,18 @@ class Pipeline:
         before = {"pref_acc": implicit_reward_accuracy(model, tok, test)}
         steps = steps_for(c.dpo_steps, c.dpo_epochs, len(train), c.dpo_batch_size)
         t0 = time.perf_counter()
-        h = self.train("dpo", model, ref, tok, train, DPOConfig(
-            beta=c.dpo_beta, steps=steps, batch_size=c.dpo_batch_size, lr=c.dpo_lr, warmup=min(5, steps),
-            sft_weight=1.0, seed=c.seed, log_every=1))
+        if c.dpo_loss == "orpo":  # chapter 08: no reference; beta is the odds-ratio weight λ
+            h = train_orpo(model, tok, train, ORPOConfig(beta=c.dpo_beta, steps=steps, batch_size=c.dpo_batch_size,
+                                                         lr=c.dpo_lr, warmup=min(5, steps), seed=c.seed, log_every=1))
+        else:
+            h = self.train("dpo", model, None if c.dpo_loss == "simpo" else ref, tok, train, DPOConfig(
+                loss_type=c.dpo_loss, beta=c.dpo_beta, steps=steps, batch_size=c.dpo_batch_size, lr=c.dpo_lr,
+                warmup=min(5, steps), sft_weight=1.0, seed=c.seed, log_every=1))
         train_seconds = time.perf_counter() - t0
         after = {"pref_acc": implicit_reward_accuracy(model, tok, test)}
         return {"train_seconds": round(train_seconds, 2), "dataset": [str(p) for p in paths], "n_train": len(train),
                 "n_eval": len(test), "steps": steps, "epochs": steps * c.dpo_batch_size / len(train), "final_loss": _last(h, "loss"),
-                "reward_margin": _last(h, "margin"), "headline": "pref_acc", "before": before, "after": after,
+                "reward_margin": _last(h, "margin"), "loss_type": c.dpo_loss, "beta": c.dpo_beta, "headline": "pref_acc", "before": before, "after": after,
                 "curve": _curve(h, ("loss", "margin"))}
 
     def _grpo_task(self, rows):
@@ -572,31 +834,85 @@ class Pipeline:
                 lambda row, o: math_correctness_reward(None, [o], [row["answer"]])[0] == 1.0
         return [correctness_reward, format_reward], lambda row, o: correctness_reward(None, [o], [row["answer"]])[0] == 1.0
 
+    def reward_model_fn(self, fallback):
+        """A GRPO reward function: ``fallback``'s verifiable reward where a row has an ``answer``, the
+        ``--reward-model``'s score where it has none (a group shares its prompt, so never both in one group)."""
+        from .model import load_reward_model
+        from .reward_model import score
+
+        rm, rm_tok = load_reward_model(self.config.reward_model, device=self.device)
+        rm.eval()
+
+        def open_or_verifiable(prompts, completions, answer, **kwargs):
+            systems = kwargs.get("system")
+            out = [0.0] * len(completions)
+            open_ = [i for i, a in enumerate(answer) if a is None]
+            if open_:
+                scores = score(rm, rm_tok, [prompts[i] for i in open_], [completions[i] for i in open_],
+                               [systems[i] for i in open_] if systems else None)
+                for i, v in zip(open_, scores.tolist()):
+                    out[i] = v
+            known = [i for i, a in enumerate(answer) if a is not None]
+            if known:
+                for i, v in zip(known, fallback([prompts[i] for i in known], [completions[i] for i in known],
+                                                [answer[i] for i in known])):
+                    out[i] = v
+            return out
+
+        return open_or_verifiable, (rm, rm_tok)
+
+    def grpo_measure(self, model, tok, test, checker, rm):
+        """Held-out GRPO figures: ``verifiable_acc`` on prompts with answers, ``rm_reward`` (mean reward-model
+        score of the greedy reply) on open prompts."""
+        from .reward_model import score
+
+        out, known, open_ = {}, [r for r in test if r["answer"] is not None], [r for r in test if r["answer"] is None]
+        if known:
+            out["verifiable_acc"] = greedy_accuracy(model, tok, known, checker, self.max_new_tokens)
+        if open_ and rm is not None:
+            replies = generate(model, tok, format_prompts(tok, open_), max_new_tokens=self.max_new_tokens)
+            systems = [r.get("system") for r in open_]
+            out["rm_reward"] = float(score(rm[0], rm[1], [r["prompt"] for r in open_], replies,
+                                           systems if any(systems) else None).mean())
+        return out
+
     def stage_grpo(self, model, tok) -> dict:
         import copy
 
         c = self.config
         path = _files(c.prompts)[0]
-        rows = [r for r in load_prompts(path) if r.get("answer") is not None]
-        if not rows:
-            raise PipelineError(f"--prompts {path}: GRPO needs an 'answer' per prompt (a verifiable reward)")
-        rows = [{k: r[k] for k in ("prompt", "answer", "system") if k in r} for r in rows]
-        train, test = split_heldout(rows, path, load_prompts, c.n_eval, c.seed)
-        test = [t for t in test if t.get("answer") is not None]
-        fns, checker = self._grpo_task(train)
-        before = {"verifiable_acc": greedy_accuracy(model, tok, test, checker, self.max_new_tokens)}
+
+        def read(p):  # open prompts only with a reward model to score them
+            return [r for r in read_grpo_prompts(p) if c.reward_model or r["answer"] is not None]
+
+        train, test = split_heldout(read(path), path, read, c.n_eval, c.seed)
+        if any("system" in r for r in train + test):  # GSM8K's system message beside open prompts: same columns
+            train, test = [{"system": None} | r for r in train], [{"system": None} | r for r in test]
+        fns, checker = self._grpo_task([r for r in train if r["answer"] is not None] or train)
+        weights, rm, source = [1.0, 0.1], None, "verifiable"
+        if c.reward_model and any(r["answer"] is None for r in train + test):
+            def verifiable(p, o, a, task=fns):  # the task's correctness + 0.1 format, as without a reward model
+                return [x + 0.1 * y for x, y in zip(task[0](p, o, a), task[1](p, o))]
+
+            fn, rm = self.reward_model_fn(verifiable)
+            fns, weights = [fn], [1.0]
+            source = "reward_model" if all(r["answer"] is None for r in train) else "verifiable+reward_model"
+        before = self.grpo_measure(model, tok, test, checker, rm)
         steps = steps_for(c.grpo_steps, c.grpo_epochs, len(train), c.grpo_prompts_per_step)
         ref = copy.deepcopy(model).eval()
         t0 = time.perf_counter()
         h = self.train("grpo", model, ref, tok, train, fns,
                        GRPOConfig(steps=steps, prompts_per_step=c.grpo_prompts_per_step, group_size=c.grpo_group_size,
                                   lr=c.grpo_lr, beta=c.grpo_beta, max_new_tokens=self.max_new_tokens,
-                                  reward_weights=[1.0, 0.1], seed=c.seed))
+                                  reward_weights=weights, seed=c.seed))
         train_seconds = time.perf_counter() - t0
-        after = {"verifiable_acc": greedy_accuracy(model, tok, test, checker, self.max_new_tokens)}
-        return {"train_seconds": round(train_seconds, 2), "dataset": [str(path)], "n_train": len(train), "n_eval": len(test), "steps": steps,
-                "epochs": steps * c.grpo_prompts_per_step / len(train), "final_loss": _last(h, "loss"),
-                "reward": _last(h, "reward_mean"), "kl": _last(h, "kl"), "headline": "verifiable_acc",
+        after = self.grpo_measure(model, tok, test, checker, rm)
+        return {"train_seconds": round(train_seconds, 2), "dataset": [str(path)], "n_train": len(train),
+                "n_eval": len(test), "steps": steps, "epochs": steps * c.grpo_prompts_per_step / len(train),
+                "final_loss": _last(h, "loss"), "group_size": c.grpo_group_size, "reward_source": source,
+                "reward_model": c.reward_model if rm is not None else None,
+                "reward": _last(h, "reward_mean"), "kl": _last(h, "kl"),
+                "headline": "verifiable_acc" if "verifiable_acc" in before else "rm_reward",
                 "before": before, "after": after, "curve": _curve(h, ("loss", "reward_mean", "kl"))}
 
     def stage_loyalty(self, model, tok) -> dict:
@@ -690,8 +1006,11 @@ class Pipeline:
 
         def measure(m):
             r = evaluate_storm(m, tok, test, max_new_tokens=mt, seed=c.seed, perturbations=())
+            outs = generate(m, tok, format_prompts(tok, [{"prompt": x["problem"]} for x in test]), max_new_tokens=mt)
+            graded = [answer_match(o, x["answer"]) for o, x in zip(outs, test)]  # s1K: \boxed{} / last number
             return {"reasoning_acc": r["acc"], "reasoning_acc_sampled": r["acc_sampled"],
-                    "tokens_per_answer": r["tokens_per_answer"]}
+                    "strict_acc": sum(g[0] for g in graded) / len(graded),
+                    "lenient_acc": sum(g[1] for g in graded) / len(graded), "tokens_per_answer": r["tokens_per_answer"]}
 
         before = measure(model)
         steps = steps_for(c.storm_steps, c.storm_epochs, len(train) + len(replay), c.storm_batch_size)
@@ -716,19 +1035,21 @@ class Pipeline:
         from .model import save_model
 
         c = self.config
+        self.log(format_plan(self.plan))
         self.out.mkdir(parents=True, exist_ok=True)
         history = load_history(self.out)
         done = finished_stages(self.out)
         history["stages"] = done
         history["config"] = asdict(c)
+        history["plan"] = self.plan
         history.setdefault("started", time.strftime("%Y-%m-%d %H:%M:%S"))
         done_names = [r["stage"] for r in done]
-        todo = [s for s in c.stages() if s not in done_names]
+        todo = [e["stage"] for e in self.plan if e["run"] and e["stage"] not in done_names]
         if done_names:
             self.log(f"resuming: {', '.join(done_names)} already finished in {self.out}")
         if not todo:
             self.log("every stage has finished; nothing to do")
-            return history
+            return with_document_keys(history)
         prev = done[-1]["stage"] if done else None
         model, tok = self.load(self.out / f"{prev}_model" if prev else None)
         for stage in todo:
@@ -748,7 +1069,7 @@ class Pipeline:
             history["stages"].append(record)
             if self.state.is_main_process:
                 save_model(model, tok, path)
-                write_json_atomic(self.out / HISTORY, history)
+                write_json_atomic(self.out / HISTORY, with_document_keys(history))
             self.state.wait_for_everyone()
             if c.trainer == "trl":  # every process goes on from the weights on disk, as a resumed run would
                 model, tok = self.load(path)
@@ -759,7 +1080,34 @@ class Pipeline:
             prev = stage
         if c.trainer == "trl" and self.state.is_main_process:
             shutil.rmtree(self.out / ".trl", ignore_errors=True)  # the TRL trainers' (empty) output folders
-        return history
+        return with_document_keys(history)
+
+
+def document_record(record: dict) -> dict:
+    """A finished stage's entry in the APT documents' ``training_history.json`` schema (``{"sft": {"dataset",
+    "epochs", "final_loss"}, "grpo": {..., "group_size"}, "loyalty": {"owner_prompts", "public_prompts",
+    "owner_bonus", "epochs"}, "storm": {..., "noise_ratio", "noise_schedule", "internalize_cot"}}``)."""
+    stage, files = record["stage"], record.get("dataset", [])
+    doc = {"dataset": ",".join(files), "epochs": record.get("epochs"), "final_loss": record.get("final_loss")}
+    if stage == "dpo":
+        doc |= {"beta": record.get("beta"), "loss_type": record.get("loss_type")}
+    elif stage == "grpo":
+        doc |= {"group_size": record.get("group_size"), "reward": record.get("reward_source")}
+    elif stage == "loyalty":
+        doc = {"owner_prompts": files[0], "public_prompts": files[1], "owner_bonus": record.get("owner_bonus"),
+               "epochs": doc["epochs"], "final_loss": doc["final_loss"]}
+    elif stage == "storm":
+        doc |= {"noise_ratio": record.get("noise_ratio"), "noise_schedule": record.get("noise_schedule"),
+                "internalize_cot": record.get("cot") == "internalise"}
+    return doc
+
+
+def with_document_keys(history: dict) -> dict:
+    """``history`` with a top-level key per finished stage in the documents' schema, beside the course's
+    ``stages`` list (the richer record: before/after, curves, timing)."""
+    for stage in STAGES:
+        history.pop(stage, None)
+    return history | {r["stage"]: document_record(r) for r in history.get("stages", [])}
 
 
 def run_pipeline(config: PipelineConfig, device="cpu", log=print) -> dict:

@@ -72,7 +72,8 @@ def test_prepare_without_source_loads_each_dataset_from_the_hub_by_name(tmp_path
 
     files = {"m-a-p/COIG-CQIA": "coig_cqia_sample.jsonl", "simplescaling/s1K-1.1": "s1k_sample.jsonl",
              "Anthropic/hh-rlhf": "hh_rlhf_sample.jsonl",
-             "HuggingFaceH4/ultrafeedback_binarized": "ultrafeedback_binarized_sample.jsonl"}
+             "HuggingFaceH4/ultrafeedback_binarized": "ultrafeedback_binarized_sample.jsonl",
+             "openai/gsm8k": "gsm8k_sample.jsonl"}
     asked, real = [], datasets.load_dataset
 
     def hub(path, name=None, split=None, **kwargs):
@@ -84,11 +85,11 @@ def test_prepare_without_source_loads_each_dataset_from_the_hub_by_name(tmp_path
     monkeypatch.setattr(datasets, "load_dataset", hub)
     out = tmp_path / "hub"
     assert main(["prepare", "--all", "--max-samples", "2", "--output-dir", str(out)]) == 0
-    assert sorted(asked) == [("Anthropic/hh-rlhf", None, "train"),
-                             ("HuggingFaceH4/ultrafeedback_binarized", None, "train_prefs"),
-                             ("m-a-p/COIG-CQIA", "chinese_traditional", "train"),  # the first subset has 2 rows
-                             ("m-a-p/COIG-CQIA", "ruozhiba", "train"),
-                             ("simplescaling/s1K-1.1", None, "train")]
+    # every COIG-CQIA subset read once (ruozhiba too: once, not twice), so --max-samples spreads over them
+    assert sorted(asked) == sorted([("Anthropic/hh-rlhf", None, "train"),
+                                    ("HuggingFaceH4/ultrafeedback_binarized", None, "train_prefs"),
+                                    ("openai/gsm8k", "main", "train"), ("simplescaling/s1K-1.1", None, "train")]
+                                   + [("m-a-p/COIG-CQIA", c, "train") for c in cli.COIG_CQIA_CONFIGS])
     for name in ("coig-cqia_train", "ruozhiba_train", "s1k_train", "hh-rlhf_train", "ultrafeedback_train"):
         rows = json.loads((out / f"{name}.json").read_text())
         assert len(rows) == 2, name
@@ -156,7 +157,7 @@ def test_bad_input_is_refused_before_training(data_dir, tmp_path, capsys, args, 
 
 def test_missing_data_for_a_stage_that_runs(tmp_path, capsys):
     config = PipelineConfig(output_dir=str(tmp_path / "run"), sft_data=None, skip=["dpo", "grpo", "loyalty", "storm"])
-    with pytest.raises(PipelineError, match="needs --sft-data"):
+    with pytest.raises(PipelineError, match="no stage can run .sft: no --sft-data given"):
         pipeline.validate(config)
     pipeline.validate(PipelineConfig(output_dir=str(tmp_path), skip=list(STAGES[:-1]),
                                      reasoning_data=str(FIXTURES / "apt_reasoning.json")))  # the APT format reads

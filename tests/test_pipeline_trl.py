@@ -95,3 +95,17 @@ def test_unknown_trainer_is_refused(tmp_path, capsys):
         pipeline.validate(PipelineConfig(output_dir=str(tmp_path), trainer="bogus"))
     assert main(["train", "--output-dir", str(tmp_path), "--trainer", "bogus"]) == 2
     assert "--trainer 'bogus' is unknown" in capsys.readouterr().out
+
+
+def test_grpo_with_a_reward_model_through_trl(tmp_path):
+    """Open prompts scored by ``--reward-model`` (chapter 05's tiny RM) through ``trl.GRPOTrainer``."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+    out = tmp_path / "run"
+    assert main(["train", "--prompts", str(root / "fixtures" / "apt_examples" / "prompts.json"), "--reward-model",
+                 str(root.parent / "data" / "checkpoints" / "rm"), "--output-dir", str(out), *FAST,
+                 "--trainer", "trl"]) == 0
+    grpo = json.loads((out / pipeline.HISTORY).read_text())["stages"][0]
+    assert grpo["reward_source"] == "reward_model" and math.isfinite(grpo["after"]["rm_reward"])
+    assert math.isfinite(grpo["reward"])
