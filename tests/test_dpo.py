@@ -258,3 +258,25 @@ def test_gpu_path_loads_a_saved_model_and_trains_on_real_dataset_schemas(tok, tm
     assert format_prompt(tokenizer, pairs[0]["prompt"]) == chat_prompt(pairs[0]["prompt"])
     hist = dpo.train_dpo(model, ref, tokenizer, pairs, dpo.DPOConfig(steps=2, batch_size=3))
     assert len(hist["loss"]) == 2 and all(math.isfinite(x) for x in hist["loss"])
+
+
+def test_the_kl_regularised_optimum_is_dpos_closed_form():
+    """Chapter 07's derivation on a discrete case: pi* = pi_ref e^(r/beta) / Z maximises E_pi[r] - beta KL(pi||pi_ref),
+    the maximum is beta log Z, any other policy loses exactly beta KL(pi||pi*), and r = beta log(pi*/pi_ref) + beta
+    log Z."""
+    g = torch.Generator().manual_seed(0)
+    beta = 0.7
+    ref = torch.softmax(torch.randn(6, generator=g, dtype=torch.float64), 0)
+    r = torch.randn(6, generator=g, dtype=torch.float64)
+
+    def objective(pi):
+        return (pi * r).sum() - beta * (pi * (pi / ref).log()).sum()
+
+    z = (ref * (r / beta).exp()).sum()
+    opt = ref * (r / beta).exp() / z
+    assert torch.allclose(objective(opt), beta * z.log())
+    assert torch.allclose(r, beta * (opt / ref).log() + beta * z.log())
+    for _ in range(20):
+        pi = torch.softmax(torch.randn(6, generator=g, dtype=torch.float64), 0)
+        assert objective(pi) < objective(opt)
+        assert torch.allclose(objective(opt) - objective(pi), beta * (pi * (pi / opt).log()).sum())
