@@ -659,14 +659,51 @@ def check_settings(config: PipelineConfig) -> PipelineConfig:
         check_base_model(str(config.base_model))
     if config.reward_model is not None and "grpo" in config.stages():
         check_reward_model(str(config.reward_model))
+    return fit_learning_rates(config)
+
+
+LR_FIELDS = ("sft_lr", "dpo_lr", "grpo_lr", "loyalty_sft_lr", "loyalty_dpo_lr", "loyalty_lr", "storm_lr")
+# Full fine-tuning of a real model (SmolLM2-135M and up), from benchmarks/pipeline_smol.sh's run on SmolLM2: ten to
+# a thousand times below the tiny model's, whose rates would wreck a pretrained model in a few steps.
+REAL_MODEL_LRS = {"sft_lr": 2e-5, "dpo_lr": 1e-5, "grpo_lr": 1e-6, "loyalty_sft_lr": 2e-5, "loyalty_dpo_lr": 1e-5,
+                  "loyalty_lr": 1e-6, "storm_lr": 1e-5}
+
+
+def is_real_model(config: PipelineConfig) -> bool:
+    """Whether the run trains a real model: a profile with one (smol, gpu), or a ``--base-model`` that is a Hub id or
+    a folder whose model is wider than the tiny one (hidden size 512 or more)."""
+    if config.base_model is None:
+        return config.profile != "tiny"
+    path = Path(str(config.base_model)).expanduser()
+    if not (path / "config.json").is_file():
+        return True  # a Hub id
+    width = json.loads((path / "config.json").read_text(encoding="utf-8")).get("hidden_size", 0)
+    return width >= 512
+
+
+def fit_learning_rates(config: PipelineConfig) -> PipelineConfig:
+    """Every learning rate left at the tiny model's default becomes :data:`REAL_MODEL_LRS`'s on a real model (a rate
+    the user set is kept); the plan prints the rates in use."""
+    if is_real_model(config):
+        fields = PipelineConfig.__dataclass_fields__
+        for key in LR_FIELDS:
+            if getattr(config, key) == fields[key].default:
+                setattr(config, key, REAL_MODEL_LRS[key])
     return config
+
+
+def format_learning_rates(config: PipelineConfig) -> str:
+    """The plan's line of learning rates, saying where they come from."""
+    where = "a real model: REAL_MODEL_LRS where not set" if is_real_model(config) else "the tiny model's defaults"
+    return f"  learning rates ({where}): " + ", ".join(f"{k.removesuffix('_lr')} {getattr(config, k):g}"
+                                                       for k in LR_FIELDS)
 
 
 def validate(config: PipelineConfig) -> PipelineConfig:
     """Every check that can fail before training: :func:`check_settings`, every data file of every stage that runs
     (:func:`make_plan`), a resume's settings (:func:`check_resume`), the output folder. Raises
     :class:`PipelineError` naming the fix."""
-    check_settings(config)
+    config = check_settings(config)
     check_resume(config, make_plan(config))
     check_output_dir(Path(config.output_dir))
     return config
@@ -1035,7 +1072,7 @@ class Pipeline:
         from .model import save_model
 
         c = self.config
-        self.log(format_plan(self.plan))
+        self.log(format_plan(self.plan) + "\n" + format_learning_rates(c))
         self.out.mkdir(parents=True, exist_ok=True)
         history = load_history(self.out)
         done = finished_stages(self.out)

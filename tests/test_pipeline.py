@@ -278,3 +278,25 @@ def test_the_pipeline_and_its_trl_twin_do_not_import_each_other():
         imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level
                      and not node.module for alias in node.names}
         assert other not in imported, f"{name} imports {other}: shared state belongs in a module both import"
+
+
+def test_a_real_model_gets_learning_rates_that_fit_it(tmp_path):
+    """No tiny learning rate on a real model: every profile's resolved settings, read the way the run reads them."""
+    from dataclasses import fields
+
+    from apt_course.pipeline import LR_FIELDS, REAL_MODEL_LRS, format_learning_rates
+
+    tiny = pipeline.check_settings(PipelineConfig(profile="tiny", output_dir=str(tmp_path / "a")))
+    defaults = {f.name: f.default for f in fields(PipelineConfig)}
+    assert all(getattr(tiny, k) == defaults[k] for k in LR_FIELDS)
+    for profile in ("smol", "gpu"):
+        real = pipeline.check_settings(PipelineConfig(profile=profile, output_dir=str(tmp_path / profile)))
+        assert {k: getattr(real, k) for k in LR_FIELDS} == REAL_MODEL_LRS
+        assert all(getattr(real, k) <= defaults[k] / 10 for k in LR_FIELDS), "a real model needs smaller steps"
+        assert "a real model" in format_learning_rates(real)
+    mine = pipeline.check_settings(PipelineConfig(profile="gpu", sft_lr=3e-5, output_dir=str(tmp_path / "c")))
+    assert mine.sft_lr == 3e-5 and mine.dpo_lr == REAL_MODEL_LRS["dpo_lr"], "a rate the user set is kept"
+    base = Path(pipeline.__file__).resolve().parents[1] / "data" / "checkpoints" / "base"
+    tiny_base = pipeline.check_settings(PipelineConfig(profile="tiny", base_model=str(base),
+                                                       output_dir=str(tmp_path / "d")))
+    assert tiny_base.sft_lr == defaults["sft_lr"], "the tiny checkpoints keep the tiny rates"
