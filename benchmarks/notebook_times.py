@@ -66,7 +66,8 @@ def main() -> int:
                         help="pin torch's CPU threads in the kernels (APT_COURSE_THREADS); 0 = the profile's own")
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
     parser.add_argument("--readme", action="store_true",
-                        help="also put the table in README.md (between <!-- times:start --> and <!-- times:end -->)")
+                        help="also put the table in MAINTAINING.md (tiny, between <!-- times:start --> and <!-- times:end -->) "
+                             "or README.md (smol: <!-- smol-times:... -->)")
     args = parser.parse_args()
     os.environ.setdefault("APT_COURSE_QUIET", "1")
     if args.threads:
@@ -107,7 +108,10 @@ def main() -> int:
         out.write_text(f"Written by `python benchmarks/notebook_times.py` on {os.cpu_count()} CPUs.\n\n"
                        + "\n".join(lines) + "\n")
     if args.readme:
-        write_readme_table(lines, marker="times" if args.profile == "tiny" else f"{args.profile}-times")
+        if args.profile == "tiny":  # the maintainer's table (MAINTAINING.md); the smol one is the learner's (README)
+            write_readme_table(lines, readme=Path(__file__).resolve().parent.parent / "MAINTAINING.md", marker="times")
+        else:
+            write_readme_table(lines, marker=f"{args.profile}-times")
     return 0 if ok else 1
 
 
