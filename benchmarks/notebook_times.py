@@ -89,7 +89,8 @@ def main() -> int:
             slow = sorted(t["cells"], key=lambda c: -c[0])[:args.top]
             shown = "; ".join(f"{s:.1f} `{src}`" for s, src in slow)
             totals.append(t["total"])
-            metrics = next((r["metrics"] for r in load_results() if r["chapter"] == path.stem), {})
+            metrics = next((r["metrics"] for r in load_results() if r["chapter"] == path.stem
+                            and r.get("profile", "tiny") == args.profile), {})  # this profile's record
             print(f"{path.stem:<24} seed {seed}  {t['total']:6.1f} s (kernel {t['kernel']:.1f}, setup {setup:.1f})  "
                   f"slowest: {shown}", flush=True)
             print("    " + "  ".join(f"{k}={v:.3g}" for k, v in metrics.items()), flush=True)
