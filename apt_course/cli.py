@@ -652,9 +652,6 @@ def load_recipe(path) -> dict:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-LR_KEYS = ("sft_lr", "dpo_lr", "grpo_lr", "loyalty_lr", "loyalty_sft_lr", "loyalty_dpo_lr", "storm_lr")
-
-
 def config_from_args(args) -> PipelineConfig:
     """Defaults < the recipe file < ``--overrides`` < flags given on the command line. ``lr`` (in the file or
     ``--overrides lr=2e-5``, as Minimal-LLM-Alignment writes it) sets every stage's learning rate; a stage's own key
@@ -667,7 +664,7 @@ def config_from_args(args) -> PipelineConfig:
         values[key.strip().replace("-", "_")] = _literal(value)
     if "lr" in values:
         lr = values.pop("lr")
-        values = {k: lr for k in LR_KEYS} | values
+        values = {k: lr for k in pipeline.LR_FIELDS} | values
     config = PipelineConfig.from_dict(values)  # unknown keys -> a clear error
     for f in fields(PipelineConfig):
         value = getattr(args, f.name, None)

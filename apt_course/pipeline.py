@@ -630,8 +630,7 @@ def check_settings(config: PipelineConfig) -> PipelineConfig:
     for key in ("loyalty_sft_steps", "loyalty_harden_steps", "loyalty_dpo_steps"):
         if not isinstance(getattr(config, key), int) or getattr(config, key) < 0:
             raise PipelineError(f"{key} must be a whole number >= 0 (0 = none), got {getattr(config, key)!r}")
-    for key in ("sft_lr", "loyalty_sft_lr", "loyalty_dpo_lr", "dpo_lr", "grpo_lr", "loyalty_lr", "storm_lr", "dpo_beta",
-                "n_eval"):
+    for key in (*LR_FIELDS, "dpo_beta", "n_eval"):
         if not _positive(getattr(config, key)):
             raise PipelineError(f"{key} must be a number > 0, got {getattr(config, key)!r}")
     for key in ("grpo_group_size", "loyalty_group_size"):

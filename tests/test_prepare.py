@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_apt_commands import FAST  # the same tiny budgets
 
 from apt_course import cli, pipeline
 from apt_course.__main__ import main
@@ -17,10 +18,6 @@ from apt_course.data import answer_match, final_answer
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ROOT / "tests" / "fixtures" / "apt_sources"
 RM = ROOT / "data" / "checkpoints" / "rm"
-FAST = ["--sft-steps", "2", "--dpo-steps", "2", "--grpo-steps", "2", "--loyalty-steps", "2", "--storm-steps", "2",
-        "--n-eval", "4", "--grpo-prompts-per-step", "2", "--grpo-group-size", "2", "--loyalty-prompts-per-step", "2",
-        "--loyalty-group-size", "2", "--sft-batch-size", "4", "--dpo-batch-size", "4", "--storm-batch-size", "4",
-        "--loyalty-sft-steps", "2", "--loyalty-harden-steps", "2", "--loyalty-dpo-steps", "2"]
 
 
 def rows(path) -> list:

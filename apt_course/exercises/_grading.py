@@ -76,6 +76,23 @@ def explain(text: str) -> None:
     print(text)
 
 
+def prediction(answer, right: str, choices: tuple[str, ...], hint: str, explanation: str) -> None:
+    """Check a predict-then-run answer: one of ``choices`` (case and surrounding spaces ignored), else a failure
+    listing them; ``right``, else a failure carrying ``hint``; then print ``explanation``."""
+    listed = ", ".join(f'"{c}"' for c in choices[:-1]) + f' or "{choices[-1]}"'
+    expect(isinstance(answer, str) and answer.strip().lower() in choices, f"answer {listed}")
+    expect(answer.strip().lower() == right, hint)
+    explain(explanation)
+
+
+def trl_output_dir() -> str:
+    """The scratch ``output_dir`` a checker's TRL trainer is given (it saves nothing there)."""
+    import os
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), "apt_course_exercise_trl")
+
+
 def trainable(model) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 

@@ -117,13 +117,11 @@ def check_sft_step(fn):
 
 @exercise("ch04.predict_no_mask", "Predict, then run: the loss with the prompt mask removed")
 def check_predict_no_mask(answer):
-    expect(isinstance(answer, str) and answer.strip().lower() in ("higher", "lower", "same"),
-           'answer "higher", "lower" or "same"')
-    expect(answer.strip().lower() == "higher",
-           "look at what the prompt tokens are: the task's inputs (`reverse kqz`, `sort 846`) are random, so no "
-           "model can predict them, and the SFT model was never trained on them. Run the cell and compare")
-    _grading.explain("Higher, by far: the prompts' task inputs are random letters and digits that no model can "
-                     "predict (the shipped SFT model: completion-only loss 0.005-0.02 on held-out reverse/sort/copy "
-                     "tasks, 5.6 nats per token with the prompt counted too, at three test seeds). Without the mask "
-                     "most of the loss, and of the gradient, would go to predicting the question instead of "
-                     "answering it.")
+    _grading.prediction(answer, "higher", ("higher", "lower", "same"),
+                        "look at what the prompt tokens are: the task's inputs (`reverse kqz`, `sort 846`) are random, so no "
+                        "model can predict them, and the SFT model was never trained on them. Run the cell and compare",
+                        "Higher, by far: the prompts' task inputs are random letters and digits that no model can "
+                        "predict (the shipped SFT model: completion-only loss 0.005-0.02 on held-out reverse/sort/copy "
+                        "tasks, 5.6 nats per token with the prompt counted too, at three test seeds). Without the mask "
+                        "most of the loss, and of the gradient, would go to predicting the question instead of "
+                        "answering it.")

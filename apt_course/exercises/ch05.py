@@ -110,10 +110,9 @@ def check_rm_step(fn):
 
 @exercise("ch05.predict_hack", "Predict, then run: how often the RM prefers a wrong answer with a friendly phrase")
 def check_predict_hack(answer):
-    expect(isinstance(answer, str) and answer.strip().lower() in ("a", "b", "c"), 'answer "a", "b" or "c"')
-    expect(answer.strip().lower() == "c",
-           "the RM saw friendly phrases only in CHOSEN answers and never on a wrong one: what does it learn about a "
-           "friendly phrase? Run the cell and see")
-    _grading.explain("(c): the RM learned 'friendly => good' next to 'correct => good', and the phrase outweighs the "
-                     "wrong answer: held-out hack rate 0.83-0.86 at seeds 0-4 on the tiny profile "
-                     "(benchmarks/results/seed_sweep.md). Chapter 06's policy finds this hack by itself.")
+    _grading.prediction(answer, "c", ("a", "b", "c"),
+                        "the RM saw friendly phrases only in CHOSEN answers and never on a wrong one: what does it learn about a "
+                        "friendly phrase? Run the cell and see",
+                        "(c): the RM learned 'friendly => good' next to 'correct => good', and the phrase outweighs the "
+                        "wrong answer: held-out hack rate 0.83-0.86 at seeds 0-4 on the tiny profile "
+                        "(benchmarks/results/seed_sweep.md). Chapter 06's policy finds this hack by itself.")

@@ -152,12 +152,11 @@ def check_ppo_step(fn):
 
 @exercise("ch06.predict_beta0", "Predict, then run: drop the KL leash (beta = 0)")
 def check_predict_beta0(answer):
-    expect(isinstance(answer, str) and answer.strip().lower() in ("a", "b", "c", "d"), 'answer "a", "b", "c" or "d"')
-    expect(answer.strip().lower() == "b",
-           "nothing pulls the policy back to the reference any more, and the RM rewards friendly words whatever "
-           "else the reply says: where does the policy go, and what happens to the replies the RM does not check? "
-           "Section 5 ran it")
-    _grading.explain("(b): at seeds 0-4 (tiny profile, benchmarks/results/seed_sweep.md) the final KL was 15.9-31.6 "
-                     "nats per reply with beta = 0 against 2.9-5.2 with the leash, and the held-out ground truth "
-                     "ended at 0.13-0.55 against 0.52-0.72, lower at every seed: the RM score held while the "
-                     "behaviour it stands for decayed (reward-model over-optimisation).")
+    _grading.prediction(answer, "b", ("a", "b", "c", "d"),
+                        "nothing pulls the policy back to the reference any more, and the RM rewards friendly words whatever "
+                        "else the reply says: where does the policy go, and what happens to the replies the RM does not check? "
+                        "Section 5 ran it",
+                        "(b): at seeds 0-4 (tiny profile, benchmarks/results/seed_sweep.md) the final KL was 15.9-31.6 "
+                        "nats per reply with beta = 0 against 2.9-5.2 with the leash, and the held-out ground truth "
+                        "ended at 0.13-0.55 against 0.52-0.72, lower at every seed: the RM score held while the "
+                        "behaviour it stands for decayed (reward-model over-optimisation).")

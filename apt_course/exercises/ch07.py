@@ -101,7 +101,7 @@ def check_dpo_step(fn):
     with _grading.quiet():
         from trl import DPOConfig, DPOTrainer
 
-        args = DPOConfig(output_dir=_tmp(), beta=beta, loss_type=["sigmoid"], report_to="none", use_cpu=True,
+        args = DPOConfig(output_dir=_grading.trl_output_dir(), beta=beta, loss_type=["sigmoid"], report_to="none", use_cpu=True,
                          bf16=False, max_steps=1, per_device_train_batch_size=len(pairs), save_strategy="no",
                          disable_tqdm=True, gradient_checkpointing=False)
         trainer = DPOTrainer(model=policy, ref_model=ref, args=args, processing_class=tok,
@@ -112,21 +112,13 @@ def check_dpo_step(fn):
     _grading.compare_grads(got_grads, trl_grads, against="TRL DPOTrainer's")
 
 
-def _tmp() -> str:
-    import os
-    import tempfile
-
-    return os.path.join(tempfile.gettempdir(), "apt_course_exercise_trl")
-
-
 @exercise("ch07.predict_beta0", "Predict, then run: DPO with beta -> 0")
 def check_predict_beta0(answer):
-    expect(isinstance(answer, str) and answer.strip().lower() in ("a", "b", "c"), 'answer "a", "b" or "c"')
-    expect(answer.strip().lower() == "b",
-           "write the loss with beta = 0: -log sigmoid(0 * margin). What is it for every pair, and what is its "
-           "gradient? In DPO beta is not only the leash but also the reward's scale. Run the cell")
-    _grading.explain("(b): -log sigmoid(beta * m) -> log 2 for every pair and its gradient, -beta sigmoid(-beta m) "
-                     "grad m, -> 0: the policy does not move (the package refuses beta <= 0 for that reason). In "
-                     "chapter 06 beta = 0 removed the leash and the policy ran away; in DPO beta is also the scale "
-                     "of the implicit reward beta log(pi / pi_ref), so a small beta needs a large log-ratio to "
-                     "matter, and beta -> 0 removes the signal altogether.")
+    _grading.prediction(answer, "b", ("a", "b", "c"),
+                        "write the loss with beta = 0: -log sigmoid(0 * margin). What is it for every pair, and what is its "
+                        "gradient? In DPO beta is not only the leash but also the reward's scale. Run the cell",
+                        "(b): -log sigmoid(beta * m) -> log 2 for every pair and its gradient, -beta sigmoid(-beta m) "
+                        "grad m, -> 0: the policy does not move (the package refuses beta <= 0 for that reason). In "
+                        "chapter 06 beta = 0 removed the leash and the policy ran away; in DPO beta is also the scale "
+                        "of the implicit reward beta log(pi / pi_ref), so a small beta needs a large log-ratio to "
+                        "matter, and beta -> 0 removes the signal altogether.")

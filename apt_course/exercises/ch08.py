@@ -111,7 +111,7 @@ def check_orpo_step(fn):
     with _grading.quiet():
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-        args = ORPOConfig(output_dir=_tmp(), beta=beta, max_length=256, report_to="none", use_cpu=True, bf16=False,
+        args = ORPOConfig(output_dir=_grading.trl_output_dir(), beta=beta, max_length=256, report_to="none", use_cpu=True, bf16=False,
                           remove_unused_columns=False,
                           per_device_train_batch_size=len(pairs), max_steps=1, save_strategy="no", disable_tqdm=True)
         trainer = ORPOTrainer(model=model, args=args, train_dataset=to_trl_preference_dataset(pairs, tok),
@@ -126,33 +126,24 @@ def check_orpo_step(fn):
     _grading.compare_grads(trl_got_grads, trl_grads, against="TRL ORPOTrainer's")
 
 
-def _tmp() -> str:
-    import os
-    import tempfile
-
-    return os.path.join(tempfile.gettempdir(), "apt_course_exercise_trl")
-
-
 @exercise("ch08.predict_lambda0", "Predict, then run: ORPO with its odds-ratio term dropped (beta = 0)")
 def check_predict_lambda0(answer):
-    expect(isinstance(answer, str) and answer.strip().lower() in ("a", "b", "c"), 'answer "a", "b" or "c"')
-    expect(answer.strip().lower() == "b",
-           "with beta = 0 only the NLL term is left: the mean negative log-likelihood of the chosen answers' "
-           "tokens. Which chapter's loss is that? Run the cell")
-    _grading.explain("(b): with beta = 0 the ORPO loss is the NLL of the chosen answers, chapter 04's completion-only "
-                     "SFT loss on the demonstrations, to the last digit (the cell compares them on a batch; "
-                     "tests/test_orpo.py checks it): ORPO is SFT plus a preference term, in one stage.")
+    _grading.prediction(answer, "b", ("a", "b", "c"),
+                        "with beta = 0 only the NLL term is left: the mean negative log-likelihood of the chosen answers' "
+                        "tokens. Which chapter's loss is that? Run the cell",
+                        "(b): with beta = 0 the ORPO loss is the NLL of the chosen answers, chapter 04's completion-only "
+                        "SFT loss on the demonstrations, to the last digit (the cell compares them on a batch; "
+                        "tests/test_orpo.py checks it): ORPO is SFT plus a preference term, in one stage.")
 
 
 @exercise("ch08.predict_no_nll", "Predict, then run: ORPO with its NLL term dropped")
 def check_predict_no_nll(answer):
-    expect(isinstance(answer, str) and answer.strip().lower() in ("a", "b", "c"), 'answer "a", "b" or "c"')
-    expect(answer.strip().lower() == "b",
-           "without the NLL term nothing asks the model to make the demonstrated answers likely: the odds-ratio "
-           "term only asks the chosen answer to beat the rejected one. Can that teach a base model to answer? "
-           "benchmarks/orpo_without_nll.py ran it")
-    _grading.explain("(b): with only the odds-ratio term, 100 steps from the base model left held-out task accuracy "
-                     "at 0.000 at seeds 0-4 (full ORPO: 0.155-0.18), and the chosen answers' NLL rose from 1.5-3.3 "
-                     "to 5.1-7.1 nats per token over the run (benchmarks/results/orpo_without_nll.md): the term "
-                     "ranked chosen above rejected while both became less likely. The NLL half is what teaches "
-                     "the answers.")
+    _grading.prediction(answer, "b", ("a", "b", "c"),
+                        "without the NLL term nothing asks the model to make the demonstrated answers likely: the odds-ratio "
+                        "term only asks the chosen answer to beat the rejected one. Can that teach a base model to answer? "
+                        "benchmarks/orpo_without_nll.py ran it",
+                        "(b): with only the odds-ratio term, 100 steps from the base model left held-out task accuracy "
+                        "at 0.000 at seeds 0-4 (full ORPO: 0.155-0.18), and the chosen answers' NLL rose from 1.5-3.3 "
+                        "to 5.1-7.1 nats per token over the run (benchmarks/results/orpo_without_nll.md): the term "
+                        "ranked chosen above rejected while both became less likely. The NLL half is what teaches "
+                        "the answers.")

@@ -175,11 +175,10 @@ def check_grpo_step(fn):
 
 @exercise("ch09.predict_mu2", "Predict, then run: two gradient steps per rollout (mu = num_iterations = 2)")
 def check_predict_mu2(answer):
-    expect(isinstance(answer, str) and answer.strip().lower() in ("a", "b", "c"), 'answer "a", "b" or "c"')
-    expect(answer.strip().lower() == "a",
-           "at the first of the mu steps the weights have not moved since the rollout: what is the ratio "
-           "pi_theta / pi_old then, and can the clip act? Run the cell")
-    _grading.explain("(a): at the first step pi_old is the policy itself, so the ratio is exactly 1, nothing is "
-                     "clipped, and the gradient is mu = 1's (the cell checks it on a rollout). Only the later steps "
-                     "are off-policy, which is where the clip earns its place: the chapter's run (mu = 1) logs a "
-                     "clip fraction of exactly 0 at every step.")
+    _grading.prediction(answer, "a", ("a", "b", "c"),
+                        "at the first of the mu steps the weights have not moved since the rollout: what is the ratio "
+                        "pi_theta / pi_old then, and can the clip act? Run the cell",
+                        "(a): at the first step pi_old is the policy itself, so the ratio is exactly 1, nothing is "
+                        "clipped, and the gradient is mu = 1's (the cell checks it on a rollout). Only the later steps "
+                        "are off-policy, which is where the clip earns its place: the chapter's run (mu = 1) logs a "
+                        "clip fraction of exactly 0 at every step.")
