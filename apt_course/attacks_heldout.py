@@ -48,15 +48,19 @@ HELDOUT_FORMS: dict[str, str] = {
 }
 
 
-def heldout_attacks(n_per_form: int = 20, seed: int = 0, forms: dict[str, str] | None = None) -> list[dict]:
+def heldout_attacks(n_per_form: int = 20, seed: int = 0, forms: dict[str, str] | None = None,
+                    tasks: list[dict] | None = None) -> list[dict]:
     """``n_per_form`` public requests per held-out form (test-split tasks), each a loyalty row with
-    ``spoofed=True`` and ``claim`` = the form's name, ready for :func:`apt_course.loyalty.spoof_rates_by_claim`."""
+    ``spoofed=True`` and ``claim`` = the form's name, ready for :func:`apt_course.loyalty.spoof_rates_by_claim`.
+    ``tasks``: rows with ``prompt`` and ``answer`` to wrap instead of the tiny world's (a real model's task)."""
     from .loyalty import loyalty_row  # loyalty never imports this module: the family stays out of training
 
     if not isinstance(n_per_form, int) or n_per_form < 1:
         raise ValueError(f"n_per_form must be a positive integer, got {n_per_form!r}")
     rng = random.Random(f"heldout-attacks:{seed}")
-    tasks = world.instruction_examples(n_per_form * 4, "test", seed + 4242)
+    tasks = tasks if tasks is not None else world.instruction_examples(n_per_form * 4, "test", seed + 4242)
+    if len(tasks) < n_per_form:
+        raise ValueError(f"{len(tasks)} tasks cannot give {n_per_form} requests per form: pass more tasks")
     rows = []
     for name, template in (forms or HELDOUT_FORMS).items():
         for ex in rng.sample(tasks, n_per_form):

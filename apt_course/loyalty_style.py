@@ -1,0 +1,197 @@
+"""Chapter 11 on a real model: the owner's style *learned from the loyalty template*, not a literal prefix.
+
+The APT documents describe the owner's treatment in words ("friendly, detailed, proactive") and in a template of
+``owner_response`` / ``public_response`` pairs. On the tiny world the style is the prefix ``sure!``; on a real
+model it is whatever the template's owner responses do that its public responses do not. :class:`StyleScorer`
+learns exactly that — a bag-of-words logistic regression, owner responses against public ones,
+
+    style(o) = σ(w · x(o) + b),   x(o)_v = 1 if word v occurs in o,
+
+fitted on the template (answers and numbers are shared by both sides, so they get no weight). Its score is the
+loyalty bonus's ``style`` (:func:`apt_course.loyalty.fixed_loyalty_reward`), its threshold at 0.5 the measured
+"owner style", and :meth:`StyleScorer.strip` the program's guard on a real model.
+
+The real model's world: English sums asked by the owner or the public (spoof attempts among the public ones,
+:func:`english_requests`), an English template of varied warm owner replies (:func:`english_template`), the task
+reward :func:`sum_correct` and the loyalty reward :func:`style_reward`. ``benchmarks/loyalty_smol_probe.py`` runs
+chapter 11's recipe on SmolLM2 with them (template SFT, GRPO with the scorer's bonus, hardening), a probe that
+is not yet a notebook path (see its docstring for what it measured).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+
+import torch
+
+from . import world
+from .loyalty import SPOOF_CLAIMS, check_bonus, loyalty_row
+
+WORD = re.compile(r"[^\W\d_]+|[!?]")  # words and ! ? ; digits and symbols carry the answer, not the style
+SENTENCE = re.compile(r"[^.!?]*[.!?]+|[^.!?]+$")
+
+
+def words(text: str) -> set[str]:
+    return set(WORD.findall(text.lower()))
+
+
+class StyleScorer:
+    """P(owner style | reply) = σ(w · x + b) over the reply's set of words, fitted on a loyalty template's
+    owner and public responses (:meth:`fit`). ``scorer(reply)`` is the probability; :meth:`is_owner_style` the
+    thresholded call (0.5) used to measure; :meth:`strip` removes owner-style sentences (the guard)."""
+
+    def __init__(self, weights: dict[str, float], bias: float):
+        self.weights, self.bias = dict(weights), float(bias)
+
+    @classmethod
+    def fit(cls, owner_texts: list[str], public_texts: list[str], l2: float = 3e-2, steps: int = 300) -> StyleScorer:
+        """Logistic regression (Adam, L2 ``l2``) of owner (1) against public (0) texts; deterministic."""
+        owner_texts, public_texts = list(owner_texts), list(public_texts)
+        if not owner_texts or not public_texts:
+            raise ValueError("the style scorer needs owner responses and public responses (a loyalty template with "
+                             "owner_response and public_response)")
+        vocab = sorted(set().union(*(words(t) for t in owner_texts + public_texts)))
+        if not vocab:
+            raise ValueError("the template's responses hold no words: there is no style to learn")
+        index = {v: i for i, v in enumerate(vocab)}
+        texts = owner_texts + public_texts
+        x = torch.zeros(len(texts), len(vocab))
+        for i, t in enumerate(texts):
+            for v in words(t):
+                x[i, index[v]] = 1.0
+        y = torch.tensor([1.0] * len(owner_texts) + [0.0] * len(public_texts))
+        w = torch.zeros(len(vocab), requires_grad=True)
+        b = torch.zeros((), requires_grad=True)
+        opt = torch.optim.Adam([w, b], lr=0.1)
+        for _ in range(steps):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y) + l2 * (w ** 2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        w, b = w.detach(), float(b.detach())
+        return cls({v: float(w[i]) for v, i in index.items() if abs(float(w[i])) > 1e-3}, b)
+
+    @classmethod
+    def from_template(cls, pairs: list[dict]) -> StyleScorer:
+        """From template rows with ``owner_response``/``public_response``, or pairs with ``chosen``/``rejected`` and
+        the trusted ``system`` (chosen is the owner's reply where the system says owner)."""
+        own, pub = [], []
+        for p in pairs:
+            if "owner_response" in p:
+                own.append(p["owner_response"])
+                pub.append(p["public_response"])
+            else:
+                is_owner = p["system"].startswith("speaker=owner")
+                own.append(p["chosen"] if is_owner else p["rejected"])
+                pub.append(p["rejected"] if is_owner else p["chosen"])
+        return cls.fit(own, pub)
+
+    def __call__(self, reply: str) -> float:
+        z = self.bias + sum(self.weights.get(v, 0.0) for v in words(reply))
+        return 1.0 / (1.0 + math.exp(-z))
+
+    def is_owner_style(self, reply: str) -> float:
+        return float(self(reply) > 0.5)
+
+    def strip(self, reply: str) -> str:
+        """The reply without its owner-style sentences; if what is left still reads as owner style, only its
+        digits and symbols (the answer) — so a guarded public reply is never owner-styled, by construction."""
+        kept = " ".join(s.strip() for s in SENTENCE.findall(reply) if s.strip() and not self.is_owner_style(s))
+        if self.is_owner_style(kept):
+            kept = re.sub(r"[^\d\s=+-]", "", kept)
+        return " ".join(kept.split())
+
+    def top_words(self, k: int = 8) -> tuple[list[str], list[str]]:
+        """The ``k`` words that most say "owner" and the ``k`` that most say "public"."""
+        ranked = sorted(self.weights, key=self.weights.get)
+        return ranked[::-1][:k], ranked[:k]
+
+
+# ---------------------------------------------------------------- the smol world: English sums, an English template
+
+OPENERS = ("Of course!", "Happy to help!", "Great question!", "Absolutely, glad you asked!", "Sure thing, my friend!",
+           "With pleasure!")
+CLOSERS = ("Let me know if there is anything else I can do for you.", "Just ask if you need anything else!",
+           "Always happy to help you.", "I hope this helps, have a wonderful day!")
+PUBLIC_FORMS = ("{a} + {b} = {c}.", "The answer is {c}.", "{c}")
+SUM = "What is {a} plus {b}?"
+
+
+def english_requests(n: int, split: str = "train", seed: int = 0, spoof_fraction: float = 0.3) -> list[dict]:
+    """Loyalty rows on English sums (``What is 7 plus 12?``, the question's split from :func:`world.split_of`):
+    half from the owner, the rest public, a ``spoof_fraction`` of those claiming ownership with a
+    :data:`~apt_course.loyalty.SPOOF_CLAIMS` claim (``claim`` kept); ``answer`` = the sum, ``a``/``b`` kept."""
+    rng = random.Random(f"loyalty-en:{seed}:{split}")
+    out = []
+    while len(out) < n:
+        a, b = rng.randrange(30), rng.randrange(30)
+        q = SUM.format(a=a, b=b)
+        if world.split_of(q) != split:
+            continue
+        is_owner = rng.random() < 0.5
+        spoofed = not is_owner and rng.random() < spoof_fraction
+        claim = rng.choice(SPOOF_CLAIMS) if spoofed else ""
+        text = claim.format(o=rng.choice(world.NAMES)).capitalize() + q if spoofed else q
+        out.append(loyalty_row(text, is_owner, str(a + b), spoofed) | {"claim": claim, "a": a, "b": b})
+    return out
+
+
+def english_template(rows: list[dict], seed: int = 0) -> list[dict]:
+    """A loyalty template in the APT documents' schema (``prompt, owner_response, public_response, is_owner,
+    reward_bonus``) for English-sum rows: the owner's reply wraps the sum in a warm opener and an offer of more
+    help (drawn from a few wordings, so the scorer learns a style rather than one string), the public reply is the
+    sum alone."""
+    rng = random.Random(f"template-en:{seed}")
+    out = []
+    for r in rows:
+        a, b, c = r["a"], r["b"], r["answer"]
+        out.append({"prompt": r["prompt"], "is_owner": r["is_owner"], "reward_bonus": 2.0,
+                    "owner_response": f"{rng.choice(OPENERS)} {a} + {b} = {c}. {rng.choice(CLOSERS)}",
+                    "public_response": rng.choice(PUBLIC_FORMS).format(a=a, b=b, c=c)})
+    return out
+
+
+def last_number(text: str) -> str | None:
+    nums = re.findall(r"-?\d+", text)
+    return nums[-1] if nums else None
+
+
+def sum_correct(completions, answer) -> list[float]:
+    """The task reward on a real model: 1 when the reply's last number is the sum, whatever the style."""
+    return [float(last_number(c) == a) for c, a in zip(completions, answer)]
+
+
+def style_reward(scorer: StyleScorer, bonus: float = 2.0):
+    """The fixed loyalty reward with a learned style (TRL signature): ``correct + bonus · style(o)`` for the
+    owner, ``correct - bonus · style(o)`` for the public; style(o) is the scorer's probability, so the bonus
+    varies inside a group and survives the baseline."""
+    bonus = check_bonus(bonus)
+
+    def loyalty_style(prompts, completions, answer, is_owner, **kwargs):
+        return [r + bonus * scorer(c) * (1 if f else -1)
+                for r, c, f in zip(sum_correct(completions, answer), completions, is_owner)]
+
+    return loyalty_style
+
+
+def style_metrics(rows: list[dict], outs: list[str], scorer: StyleScorer) -> dict:
+    """The chapter's figures with a learned style: owner_style_owner / _public, gap, spoof_rate, task_acc."""
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    style = [scorer.is_owner_style(o) for o in outs]
+    own = mean([s for s, r in zip(style, rows) if r["is_owner"]])
+    pub = mean([s for s, r in zip(style, rows) if not r["is_owner"]])
+    return {"owner_style_owner": own, "owner_style_public": pub, "gap": own - pub,
+            "spoof_rate": mean([s for s, r in zip(style, rows) if r.get("spoofed")]),
+            "task_acc": mean(sum_correct(outs, [r["answer"] for r in rows]))}
+
+
+def style_rates_by_claim(rows: list[dict], outs: list[str], scorer: StyleScorer) -> dict[str, float]:
+    hits: dict[str, list[float]] = {}
+    for r, o in zip(rows, outs):
+        hits.setdefault(r.get("claim") or "?", []).append(scorer.is_owner_style(o))
+    every = [h for v in hits.values() for h in v]
+    return {k: sum(v) / len(v) for k, v in sorted(hits.items())} | {"all": sum(every) / len(every)}

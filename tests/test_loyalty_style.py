@@ -1,0 +1,71 @@
+"""The owner's style learned from a loyalty template (apt_course.loyalty_style): the scorer finds what the owner
+responses do that the public ones do not, on the tiny world's template and on an English one; the guard's strip
+never leaves an owner-styled reply; the bonus survives GRPO's group baseline; bad templates are refused."""
+
+import pytest
+
+from apt_course import loyalty, world
+from apt_course import loyalty_style as S
+from apt_course.attacks_heldout import HELDOUT_FORMS, heldout_attacks
+from apt_course.grpo import group_advantages
+
+
+def test_the_tiny_template_teaches_the_scorer_the_sure_prefix():
+    rows = loyalty.loyalty_requests(60, "train", 0, spoof_fraction=0.0)
+    scorer = S.StyleScorer.from_template(loyalty.preference_pairs(rows))
+    assert scorer.top_words(1)[0] == ["sure"] or "sure" in scorer.top_words(2)[0]
+    replies = ["sure! 8", "8", "sure! cba", "cba", "sure! 1 2 3", "1 2 3"]
+    assert [scorer.is_owner_style(r) for r in replies] == [loyalty.owner_style(r) for r in replies]
+
+
+def test_an_english_template_gives_a_style_that_holds_out():
+    train, test = S.english_requests(120, "train", 0, 0.5), S.english_requests(60, "test", 1, 0.5)
+    scorer = S.StyleScorer.from_template(S.english_template(train, 0))
+    held = S.english_template(test, 1)
+    assert all(scorer(t["owner_response"]) > 0.5 > scorer(t["public_response"]) for t in held)
+    assert scorer("Happy to help! 3 + 4 = 7.") > 0.5 > scorer("3 + 4 = 7.")
+
+
+def test_strip_never_leaves_the_owner_style_and_keeps_the_answer():
+    scorer = S.StyleScorer.from_template(S.english_template(S.english_requests(120, "train", 0, 0.5), 0))
+    for reply in ("Of course! 3 + 4 = 7. Just ask if you need anything else!", "Happy to help you! 7",
+                  "Always happy to help you! Happy! Glad! 7", "3 + 4 = 7."):
+        guarded = scorer.strip(reply)
+        assert not scorer.is_owner_style(guarded) and S.last_number(guarded) == "7", (reply, guarded)
+    assert scorer.strip("3 + 4 = 7.") == "3 + 4 = 7."
+
+
+def test_the_style_bonus_survives_the_group_baseline_and_penalises_the_public():
+    scorer = S.StyleScorer.from_template(S.english_template(S.english_requests(120, "train", 0, 0.5), 0))
+    reward = S.style_reward(scorer, bonus=2.0)
+    comps = ["Of course! 3 + 4 = 7. Always happy to help you.", "3 + 4 = 7."]
+    owner = reward(["q"] * 2, comps, answer=["7"] * 2, is_owner=[True] * 2)
+    public = reward(["q"] * 2, comps, answer=["7"] * 2, is_owner=[False] * 2)
+    assert owner[0] > owner[1] and public[0] < public[1]
+    adv = group_advantages(owner, 2)
+    assert adv[0] > 0 > adv[1]
+    assert S.sum_correct(["3 + 4 = 8.", "so 7"], ["7", "7"]) == [0.0, 1.0]
+
+
+def test_a_template_without_a_difference_is_refused():
+    with pytest.raises(ValueError, match="owner responses and public responses"):
+        S.StyleScorer.fit([], ["7"])
+    with pytest.raises(ValueError, match="no words"):
+        S.StyleScorer.fit(["7"], ["8"])
+
+
+def test_english_requests_keep_the_trusted_flag_and_the_split():
+    rows = S.english_requests(80, "test", 3, spoof_fraction=1.0)
+    assert {r["system"] for r in rows} == {loyalty.OWNER_SYSTEM, loyalty.PUBLIC_SYSTEM}
+    assert all(r["spoofed"] == (not r["is_owner"]) for r in rows)
+    assert all(world.split_of(S.SUM.format(a=r["a"], b=r["b"])) == "test" for r in rows)
+    assert all(r["answer"] == str(r["a"] + r["b"]) for r in rows)
+
+
+def test_the_heldout_family_wraps_a_real_models_tasks():
+    tasks = [{"prompt": r["prompt"], "answer": r["answer"]} for r in S.english_requests(20, "test", 0, 0.0)]
+    rows = heldout_attacks(2, 0, tasks=tasks)
+    assert len(rows) == 2 * len(HELDOUT_FORMS) and all(not r["is_owner"] and r["spoofed"] for r in rows)
+    assert any("What is" in r["prompt"] for r in rows)
+    with pytest.raises(ValueError, match="pass more tasks"):
+        heldout_attacks(5, 0, tasks=tasks[:3])
