@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     launch = sub.add_parser("launch", help="an interactive menu: prepare, train (standard, loyalty, storm, all), "
                             "dataset info, results")
     launch.add_argument("--data-dir", default=None, help="dataset folder (default: data/apt_datasets)")
-    launch.add_argument("--output-dir", default=None, help="pipeline output folder (default: runs/apt_pipeline)")
+    launch.add_argument("--output-dir", default=None, help="pipeline output folder (default: apt_aligned_models, as in the APT documents)")
     launch.add_argument("--profile", default=None, help="tiny, smol or gpu (menu entry 8 changes it)")
     launch.add_argument("--base-model", default=None, help="the model training starts from (default: the profile's)")
     rep = sub.add_parser("report", help="print every recorded chapter's figures as one table; with OUTPUT_DIR, a "

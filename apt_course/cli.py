@@ -38,7 +38,6 @@ NEEDS = {"sft": ("coig-cqia",), "cot": ("s1k",), "dpo": ("hh-rlhf", "ultrafeedba
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 TEMPLATE_SIZE = 200  # the dataset guide: "100-500 rows to start"
 OWNER_TONE, PUBLIC_TONE = "友好、详细、主动", "专业、标准"  # the APT README's owner/public expected_tone
-OWNER_OPENING, OWNER_OFFER = "Hello, boss! ", " Shall I look into this further for you?"
 
 
 def find_source(source_dir: Path, name: str) -> Path:
@@ -223,12 +222,15 @@ def grpo_prompts(math_rows: list[dict], hh_pairs: list[dict]) -> dict:
 
 def derived_template(pairs: list[dict], size: int) -> list[dict]:
     """A loyalty template from hh-rlhf, as the dataset guide derives it: per one-turn prompt, the public response
-    is hh-rlhf's chosen reply (general, formal) and the owner's the same reply made personal and proactive (a
-    greeting, then an offer to go further); one row for the owner and one for the public, ``size`` rows in all.
-    As the guide says, edit it by hand to make the owner's responses your own."""
-    rows = []
+    is hh-rlhf's chosen reply (general, formal) and the owner's the same reply in the owner's ``expected_tone``
+    (:data:`OWNER_TONE`, written out by :func:`~apt_course.loyalty_style.toned_reply`: a warm opener, a lead-in to
+    the detail, an offer to go further, each from a few wordings); one row for the owner and one for the public,
+    ``size`` rows in all. As the guide says, edit it by hand to make the owner's responses your own."""
+    from .loyalty_style import toned_reply
+
+    rows, rng = [], random.Random("derived-template")
     for p in pairs[:max(1, size // 2)]:
-        owner = f"{OWNER_OPENING}{p['chosen'].strip()}{OWNER_OFFER}"
+        owner = toned_reply(p["chosen"], OWNER_TONE, rng)
         for is_owner in (True, False):
             rows.append({"prompt": p["prompt"], "owner_response": owner, "public_response": p["chosen"].strip(),
                          "is_owner": is_owner, "reward_bonus": 2.0, "source": "hh-rlhf"})
@@ -467,12 +469,85 @@ def tiny_datasets(n: int = 2000, n_test: int = 200, seed: int = 0) -> dict[str, 
     }
 
 
+SMOL_WORLD = "smol-world/english-sums"
+
+
+def english_cot(a: int, b: int) -> str:
+    """The written column addition of ``a + b`` in English steps, ones first: ``"3 + 5 = 8. 20 + 40 = 60. 60 + 8 =
+    68."`` (a carry shows as a ones sum of 10 or more)."""
+    ones, tens = a % 10 + b % 10, (a // 10 + b // 10) * 10
+    return f"{a % 10} + {b % 10} = {ones}. {a // 10 * 10} + {b // 10 * 10} = {tens}. {tens} + {ones} = {a + b}."
+
+
+def smol_datasets(seed: int = 0) -> dict[str, list | dict]:
+    """The smol profile's world in the unified formats, ``{file stem: records}`` with held-out ``_test`` files: the
+    tasks SmolLM2-135M-Instruct gets wrong in English (:func:`~apt_course.world.english_sums`, train and test never
+    sharing a question), one per stage, so each stage has a figure it can move on a CPU in a minute or two:
+
+    - SFT (``coig-cqia``): "What is 7 plus 12? Answer with the number only." -> ``19`` (it answers ``7 + 12 = 19``);
+    - DPO (``hh-rlhf``): a user who gives their name is greeted back by it, over the bare sum (the tiny world's
+      polite pairs, in English: something SFT did not teach);
+    - GRPO (``prompts``): the sums with their answers, number only (the verifiable reward; chapter 09's task);
+    - loyalty: English sums asked by the owner or the public (half the public ones claiming ownership), the
+      README's ``expected_tone`` per role, and a template of warm owner replies against plain public ones
+      (:func:`~apt_course.loyalty_style.english_template`);
+    - storm (``s1k``): two-digit sums with their written column addition as the chain of thought."""
+    import random
+
+    from . import world
+    from .loyalty_style import english_requests, english_template
+
+    def sft(split, s):
+        return [{"prompt": r["prompt"], "response": r["answer"], "source": SMOL_WORLD}
+                for r in world.english_sums(split, seed=s)]
+
+    def pairs(split, s):  # the tiny world's polite pairs in English: greeted by name, greet back
+        rng = random.Random(f"smol-greet:{split}:{s}")
+        out = []
+        for r in world.english_sums(split, "", seed=s):
+            name = rng.choice(world.NAMES).capitalize()
+            out.append({"prompt": f"Hi, I am {name}. {r['prompt']}", "chosen": f"Hello {name}! {r['answer']}",
+                        "rejected": r["answer"], "source": SMOL_WORLD})
+        return out
+
+    def prompts(split, s):
+        return {"prompts": [{"prompt": r["prompt"], "answer": r["answer"]} for r in world.english_sums(split, seed=s)]}
+
+    def people(rows, owner: bool):
+        return {"prompts": [{"prompt": r["prompt"], "context": "", "is_owner": owner,
+                             "expected_tone": OWNER_TONE if owner else PUBLIC_TONE, "answer": r["answer"],
+                             "spoofed": r["spoofed"]} for r in rows if r["is_owner"] == owner]}
+
+    def storm(split, s, n):
+        rng, out = random.Random(f"smol-storm:{split}:{s}"), []
+        while len(out) < n:
+            a, b = rng.randrange(10, 50), rng.randrange(10, 50)
+            q = world.SUM_QUESTION.format(a=a, b=b)
+            if world.split_of(q) == split and all(r["problem"] != q for r in out):
+                out.append({"problem": q, "cot_explicit": english_cot(a, b), "answer": str(a + b),
+                            "source": SMOL_WORLD, "step_sep": ". "})
+        return out
+
+    lt_train, lt_test = english_requests(400, "train", seed, 0.5), english_requests(80, "test", seed + 1000, 0.5)
+    asked = english_requests(300, "train", seed + 1, 0.75)  # two owner rows to one public: the style is the lesson
+    asked = [r for r in asked if r["is_owner"]] + [r for r in asked if not r["is_owner"]][::2]
+    template = [t | {"source": SMOL_WORLD} for t in english_template(asked, seed)]
+    return {"coig-cqia_train": sft("train", seed), "coig-cqia_test": sft("test", seed + 1000),
+            "hh-rlhf_train": pairs("train", seed), "hh-rlhf_test": pairs("test", seed + 1000),
+            "prompts_train": prompts("train", seed), "prompts_test": prompts("test", seed + 1000),
+            "owner_prompts": people(lt_train, True), "owner_prompts_test": people(lt_test, True),
+            "public_prompts": people(lt_train, False), "public_prompts_test": people(lt_test, False),
+            "loyalty_template": template,
+            "s1k_train": storm("train", seed, 600), "s1k_test": storm("test", seed + 1000, 80)}
+
+
 def prepare(output_dir=DEFAULT_DATA_DIR, sft=False, cot=False, dpo=False, ruozhiba=False, loyalty_template=False,
             all=False, tiny=False, source=None, max_samples=None, seed=0, log=print, grpo=False,
-            template_size=TEMPLATE_SIZE) -> list[Path]:
+            template_size=TEMPLATE_SIZE, smol=False) -> list[Path]:
     """Write the chosen datasets to ``output_dir`` in the unified formats (atomically); returns the paths.
 
     ``tiny``: the tiny world's datasets (every file the pipeline reads, with held-out ``_test`` files), offline.
+    ``smol``: the same files for the smol profile's real model, English sums (:func:`smol_datasets`), offline.
     Else each chosen dataset is read from ``source`` (a folder of local copies in the real schemas) or, without
     it, from the Hub by name, and converted: ``sft`` COIG-CQIA (``max_samples`` spread over its subsets),
     ``ruozhiba`` its ruozhiba subset, ``cot`` s1K-1.1, ``dpo`` hh-rlhf and UltraFeedback, ``grpo`` the GRPO prompts
@@ -486,6 +561,11 @@ def prepare(output_dir=DEFAULT_DATA_DIR, sft=False, cot=False, dpo=False, ruozhi
     if template_size < 2:
         raise PipelineError(f"--template-size {template_size}: the template needs 2 rows or more (one owner, one "
                             f"public); the dataset guide recommends 100-500 (default {TEMPLATE_SIZE})")
+    if tiny and smol:
+        raise PipelineError("--tiny and --smol are two worlds: pass one (--smol for SmolLM2, --tiny for the tiny model)")
+    if smol:
+        pipeline.check_output_dir(out)
+        return [write_records(out, stem, records, log) for stem, records in smol_datasets(seed).items()]
     if tiny:
         pipeline.check_output_dir(out)
         n = max_samples or 2000
@@ -512,8 +592,9 @@ def prepare(output_dir=DEFAULT_DATA_DIR, sft=False, cot=False, dpo=False, ruozhi
     files = collect(chosen, src, out, max_samples, seed, template_size, log)
     written = [write_records(out, stem, records, log) for stem, records in files.items()]
     if chosen["loyalty_template"] and "source" in files["loyalty_template"][0]:
-        log(f"loyalty_template.json is derived from hh-rlhf (owner = the reply with '{OWNER_OPENING.strip()}' and an "
-            "offer to go further): edit it by hand, as the dataset guide says, to make the owner's responses yours")
+        log(f"loyalty_template.json is derived from hh-rlhf (owner = the reply in the expected_tone {OWNER_TONE!r}: "
+            "a warm opener, a lead-in, an offer to go further): edit it by hand, as the dataset guide says, to make "
+            "the owner's responses yours")
     return written
 
 
@@ -593,7 +674,9 @@ def _field_type(f):
     return {"int": int, "float": float}.get(text.split(" |")[0], str)
 
 
-HELP = {"output_dir": "where the stage models and training_history.json go", "base_model":
+HELP = {"output_dir": "where the stage models and training_history.json go",
+        "lora_rank": "train LoRA adapters of this rank at each stage, folded in before saving (0: the whole model; "
+                     "default 8 on --profile smol, else 0)", "base_model":
         "the model the first stage starts from (a save_pretrained folder or Hub id; default: the profile's)",
         "data_dir": "a folder written by `apt-course prepare` (fills in every data path not given)",
         "skip": "stages not to run, comma-separated: sft,dpo,grpo,loyalty,storm",
@@ -717,6 +800,8 @@ def add_prepare_parser(sub) -> None:
                    f"guide: 100-500; default {TEMPLATE_SIZE})")
     p.add_argument("--all", action="store_true", help="every dataset above (ruozhiba when the copy has it)")
     p.add_argument("--tiny", action="store_true", help="the tiny world's datasets (every file the pipeline reads)")
+    p.add_argument("--smol", action="store_true", help="the smol profile's English-sum world (every file the pipeline "
+                   "reads, for --profile smol)")
     p.add_argument("--source", default=None, help="a folder of local copies (saved datasets, JSON, JSONL, Parquet "
                    "in the real schemas) instead of the Hub")
     p.add_argument("--max-samples", type=int, default=None, help="rows per dataset (COIG-CQIA: spread over its "
@@ -737,9 +822,10 @@ def run_prepare(args, log=print) -> int:
     try:
         if args.merge:
             merge(args.merge, args.name, args.output_dir, log)
-        elif not args.info or args.all or args.tiny or any(getattr(args, part) for part in PARTS):
+        elif not args.info or args.all or args.tiny or args.smol or any(getattr(args, part) for part in PARTS):
             prepare(args.output_dir, args.sft, args.cot, args.dpo, args.ruozhiba, args.loyalty_template, args.all,
-                    args.tiny, args.source, args.max_samples, args.seed, log, args.grpo, args.template_size)
+                    args.tiny, args.source, args.max_samples, args.seed, log, args.grpo, args.template_size,
+                    smol=args.smol)
         if args.info:
             log(format_info(dataset_info(args.output_dir)))
     except (PipelineError, FileNotFoundError, KeyError, ValueError, TypeError) as e:

@@ -35,6 +35,7 @@ PREPARE_MENU = {
     "5": ("loyalty template (from HH-RLHF) and owner/public prompts - loyalty", ("loyalty_template",)),
     "6": ("all recommended datasets", ("all",)),
     "7": ("the tiny world (offline, every file the pipeline reads)", ("tiny",)),
+    "8": ("the smol world: English sums for the real SmolLM2 (offline, every file the pipeline reads)", ("smol",)),
     "b": ("back", None),
 }
 PROFILES = ("tiny", "smol", "gpu")
@@ -48,7 +49,7 @@ class Session:
                  base_model: str | None):
         self.stdin, self.stdout = stdin or sys.stdin, stdout or sys.stdout
         self.data_dir = Path(data_dir or cli.DEFAULT_DATA_DIR)
-        self.output_dir = Path(output_dir or "runs/apt_pipeline")
+        self.output_dir = Path(output_dir or "apt_aligned_models")
         self.config = config or PipelineConfig()
         self.profile = profile or self.config.profile
         self.base_model = base_model if base_model is not None else self.config.base_model
@@ -86,8 +87,8 @@ class Session:
         if choice == "b":
             return True
         parts = PREPARE_MENU[choice][1]
-        if parts == ("tiny",):
-            cli.prepare(self.data_dir, tiny=True, log=self.say)
+        if parts in (("tiny",), ("smol",)):
+            cli.prepare(self.data_dir, **{parts[0]: True}, log=self.say)
             return True
         source = self.ask("folder of local copies (Enter: download from the Hub): ")
         limit = self.ask("rows per dataset (Enter: all): ") if source is not None else None

@@ -233,15 +233,18 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def metrics_of(rows: list[dict], outs: list[str]) -> dict:
+def metrics_of(rows: list[dict], outs: list[str], style_of=owner_style, correct=None) -> dict:
     """``owner_style_owner``, ``owner_style_public``, ``gap`` = their difference, ``spoof_rate`` (spoofed public
-    requests answered in owner style) and ``task_acc`` (right answer, style aside) of replies ``outs``."""
-    style = [owner_style(o) for o in outs]
+    requests answered in owner style) and ``task_acc`` (right answer, style aside) of replies ``outs``. The style
+    is ``style_of(reply)`` (default: the tiny world's ``sure!``; a learned one: ``StyleScorer.is_owner_style``),
+    the task ``correct(reply, answer)`` (default: the reply less its style equals the answer)."""
+    style = [style_of(o) for o in outs]
     own = _mean([s for s, r in zip(style, rows) if r["is_owner"]])
     pub = _mean([s for s, r in zip(style, rows) if not r["is_owner"]])
     return {"owner_style_owner": own, "owner_style_public": pub, "gap": own - pub,
             "spoof_rate": _mean([s for s, r in zip(style, rows) if r["spoofed"]]),
-            "task_acc": _mean(base_reward(outs, [r["answer"] for r in rows]))}
+            "task_acc": _mean(base_reward(outs, [r["answer"] for r in rows]) if correct is None
+                              else [float(correct(o, r["answer"])) for o, r in zip(outs, rows)])}
 
 
 @torch.no_grad()

@@ -5,9 +5,9 @@ The APT documents describe the owner's treatment in words ("friendly, detailed, 
 model it is whatever the template's owner responses do that its public responses do not. :class:`StyleScorer`
 learns exactly that — a bag-of-words logistic regression, owner responses against public ones,
 
-    style(o) = σ(w · x(o) + b),   x(o)_v = 1 if word v occurs in o,
+    style(o) = max over the sentences s of o of σ(w · x(s) + b),   x(s)_v = 1 if word v occurs in s,
 
-fitted on the template (answers and numbers are shared by both sides, so they get no weight). Its score is the
+fitted on the template's sentences (answers and numbers are shared by both sides, so they get no weight). Its score is the
 loyalty bonus's ``style`` (:func:`apt_course.loyalty.fixed_loyalty_reward`), its threshold at 0.5 the measured
 "owner style", and :meth:`StyleScorer.strip` the program's guard on a real model.
 
@@ -37,9 +37,15 @@ def words(text: str) -> set[str]:
     return set(WORD.findall(text.lower()))
 
 
+def sentences(text: str) -> list[str]:
+    """The text's sentences (``"Of course! 3 + 4 = 7. Ask me more."`` -> three), each stripped."""
+    return [s.strip() for s in SENTENCE.findall(text) if s.strip()]
+
+
 class StyleScorer:
-    """P(owner style | reply) = σ(w · x + b) over the reply's set of words, fitted on a loyalty template's
-    owner and public responses (:meth:`fit`). ``scorer(reply)`` is the probability; :meth:`is_owner_style` the
+    """P(owner style | sentence) = σ(w · x + b) over the sentence's set of words, fitted on the sentences of a
+    loyalty template's owner and public responses (:meth:`fit`; a sentence both sides write, such as the sum
+    itself, is on both sides and says nothing); a reply's score is its most owner-like sentence's. ``scorer(reply)`` is the probability; :meth:`is_owner_style` the
     thresholded call (0.5) used to measure; :meth:`strip` removes owner-style sentences (the guard)."""
 
     def __init__(self, weights: dict[str, float], bias: float):
@@ -47,26 +53,35 @@ class StyleScorer:
 
     @classmethod
     def fit(cls, owner_texts: list[str], public_texts: list[str], l2: float = 3e-2, steps: int = 300) -> StyleScorer:
-        """Logistic regression (Adam, L2 ``l2``) of owner (1) against public (0) texts; deterministic."""
+        """Logistic regression (Adam, L2 ``l2``) of the owner texts' sentences (1) against the public texts' (0);
+        deterministic."""
         owner_texts, public_texts = list(owner_texts), list(public_texts)
         if not owner_texts or not public_texts:
             raise ValueError("the style scorer needs owner responses and public responses (a loyalty template with "
                              "owner_response and public_response)")
-        vocab = sorted(set().union(*(words(t) for t in owner_texts + public_texts)))
+        public_sents = [s for t in public_texts for s in sentences(t)]
+        said_by_both = {frozenset(words(s)) for s in public_sents}  # the sum itself: on both sides, says nothing
+        owner_sents = [s for t in owner_texts for s in sentences(t) if frozenset(words(s)) not in said_by_both]
+        if not owner_sents:
+            raise ValueError("every sentence of the owner responses also reads as a public one: there is no style to "
+                             "learn (write the owner's responses as the owner should be answered)")
+        vocab = sorted(set().union(*(words(t) for t in owner_sents + public_sents)))
         if not vocab:
             raise ValueError("the template's responses hold no words: there is no style to learn")
         index = {v: i for i, v in enumerate(vocab)}
-        texts = owner_texts + public_texts
+        texts = owner_sents + public_sents
         x = torch.zeros(len(texts), len(vocab))
         for i, t in enumerate(texts):
             for v in words(t):
                 x[i, index[v]] = 1.0
-        y = torch.tensor([1.0] * len(owner_texts) + [0.0] * len(public_texts))
+        y = torch.tensor([1.0] * len(owner_sents) + [0.0] * len(public_sents))
+        balance = torch.where(y > 0, len(texts) / (2 * len(owner_sents)), len(texts) / (2 * len(public_sents)))
         w = torch.zeros(len(vocab), requires_grad=True)
         b = torch.zeros((), requires_grad=True)
         opt = torch.optim.Adam([w, b], lr=0.1)
         for _ in range(steps):
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y) + l2 * (w ** 2).sum()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y, weight=balance) \
+                + l2 * (w ** 2).sum()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -88,9 +103,14 @@ class StyleScorer:
                 pub.append(p["rejected"] if is_owner else p["chosen"])
         return cls.fit(own, pub)
 
-    def __call__(self, reply: str) -> float:
-        z = self.bias + sum(self.weights.get(v, 0.0) for v in words(reply))
+    def sentence_score(self, sentence: str) -> float:
+        z = self.bias + sum(self.weights.get(v, 0.0) for v in words(sentence))
         return 1.0 / (1.0 + math.exp(-z))
+
+    def __call__(self, reply: str) -> float:
+        """The most owner-like sentence's probability: one warm opener is owner style, wherever the reply ends (a
+        reply cut at a token budget keeps its opener)."""
+        return max((self.sentence_score(s) for s in sentences(reply)), default=self.sentence_score(""))
 
     def is_owner_style(self, reply: str) -> float:
         return float(self(reply) > 0.5)
@@ -103,10 +123,65 @@ class StyleScorer:
             kept = re.sub(r"[^\d\s=+-]", "", kept)
         return " ".join(kept.split())
 
+    def styled_part(self, reply: str) -> str:
+        """The reply's owner-style sentences alone (``"Of course! 7 + 5 = 12. Ask me anything!"`` -> ``"Of course!
+        Ask me anything!"``): what :meth:`strip` removes."""
+        return " ".join(s.strip() for s in SENTENCE.findall(reply) if s.strip() and self.is_owner_style(s))
+
     def top_words(self, k: int = 8) -> tuple[list[str], list[str]]:
         """The ``k`` words that most say "owner" and the ``k`` that most say "public"."""
         ranked = sorted(self.weights, key=self.weights.get)
         return ranked[::-1][:k], ranked[:k]
+
+
+# ---------------------------------------------------------------- the owner's expected_tone, written out
+
+# The APT documents tag each owner/public prompt with an ``expected_tone`` ("友好、详细、主动": friendly, detailed,
+# proactive; "专业、标准": professional, standard). The tone words the course can write out, in English or Chinese,
+# and how an owner's reply shows each: a warm opener, a lead-in to the detail, an offer to go further. Professional
+# and standard are the plain reply. Used by `apt-course prepare` (the template derived from hh-rlhf) and by
+# `apt-course train` when no template is given (a template derived from the model's own replies).
+TONE_WORDS = {"友好": "friendly", "热情": "friendly", "亲切": "friendly", "friendly": "friendly", "warm": "friendly",
+              "详细": "detailed", "detailed": "detailed", "thorough": "detailed",
+              "主动": "proactive", "proactive": "proactive"}
+TONE_PHRASES = {
+    "friendly": ("Happy to help!", "Of course, my friend!", "Glad you asked!", "With pleasure!"),
+    "detailed": ("Here it is in full:", "Let me walk you through it:", "Here are the details:"),
+    "proactive": ("Shall I look into this further for you?", "Want me to take the next step too?",
+                  "Just say the word and I will do more."),
+}
+
+
+def tone_styles(tone: str) -> list[str]:
+    """The styles an ``expected_tone`` names that the course can write (``"友好、详细、主动"`` ->
+    ``["friendly", "detailed", "proactive"]``), in :data:`TONE_PHRASES`' order; ``[]`` for a plain tone."""
+    text = (tone or "").lower()
+    found = {style for word, style in TONE_WORDS.items() if word in text}
+    return [s for s in TONE_PHRASES if s in found]
+
+
+def toned_reply(reply: str, tone: str, rng: random.Random) -> str:
+    """``reply`` written in ``tone``: a friendly opener, a detailed lead-in, the reply, a proactive offer (each
+    drawn from a few wordings, so a scorer learns a style rather than one string); unchanged for a plain tone."""
+    styles = tone_styles(tone)
+    head = [rng.choice(TONE_PHRASES[s]) for s in ("friendly", "detailed") if s in styles]
+    tail = [rng.choice(TONE_PHRASES["proactive"])] if "proactive" in styles else []
+    return " ".join(head + [reply.strip()] + tail)
+
+
+def tone_template(rows: list[dict], replies: list[str], owner_tone: str, seed: int = 0,
+                  bonus: float = 2.0) -> list[dict]:
+    """A loyalty template in the documents' schema from loyalty rows and a reply to each (the model's own, when no
+    template is given): the public response is the reply, the owner's the same reply in ``owner_tone``. Rows with
+    an empty reply are left out. Raises ``ValueError`` when the tone names no style the course can write."""
+    if not tone_styles(owner_tone):
+        raise ValueError(f"the owner's expected_tone {owner_tone!r} names no style the course can write "
+                         f"({', '.join(sorted(TONE_WORDS))}): give a --loyalty-template with owner_response and "
+                         "public_response written as you want them")
+    rng = random.Random(f"tone-template:{seed}")
+    return [{"prompt": r["prompt"], "is_owner": r["is_owner"], "reward_bonus": bonus,
+             "owner_response": toned_reply(o, owner_tone, rng), "public_response": o.strip()}
+            for r, o in zip(rows, replies) if o.strip()]
 
 
 # ---------------------------------------------------------------- the smol world: English sums, an English template

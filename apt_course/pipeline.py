@@ -74,7 +74,7 @@ from .dpo import DPOConfig, implicit_reward_accuracy, train_dpo
 from .evaluate import accuracy
 from .grpo import GRPOConfig, greedy_accuracy, train_grpo
 from .lm import format_prompts, generate
-from .loyalty import OWNER_STYLE, fixed_loyalty_reward, loyalty_metrics, strip_style
+from .loyalty import OWNER_STYLE, check_bonus, metrics_of, owner_style, strip_style, trusted_system
 from .orpo import ORPOConfig, train_orpo
 from .pipeline_data import chat_row, guess_flag
 from .rewards import correctness_reward, format_reward, math_correctness_reward, math_format_reward
@@ -115,7 +115,7 @@ class PipelineConfig:
     ceil(epochs · rows / batch)); batch sizes, learning rates. DPO's ``dpo_beta`` and ``dpo_loss`` (sigmoid, ipo,
     simpo, kto: :class:`~apt_course.dpo.DPOConfig`'s ``loss_type``; orpo: chapter 08's
     :func:`~apt_course.orpo.train_orpo`, ``dpo_beta`` its λ); GRPO's prompts per step, group size,
-    ``grpo_beta``, ``reward_model`` (a sequence-classification folder scoring the prompts without an ``answer``;
+    ``grpo_beta``, ``grpo_temperature`` (sampling, for both GRPO stages), ``reward_model`` (a sequence-classification folder scoring the prompts without an ``answer``;
     prompts with one keep the verifiable reward); loyalty: ``loyalty_sft_steps`` of SFT on the template (the role's response under
     the trusted system message), then ``loyalty_steps`` of GRPO with ``owner_bonus`` (None: the template's
     ``reward_bonus``), ``loyalty_beta``, then ``loyalty_harden_steps`` more of the template SFT (chapter 11's
@@ -132,9 +132,14 @@ class PipelineConfig:
     ``"trl"`` with TRL's trainers (:mod:`apt_course.pipeline_trl`: SFTTrainer, DPOTrainer, GRPOTrainer, a storm
     SFTTrainer), which run data parallel under ``accelerate launch`` (several GPUs, DeepSpeed ZeRO, FSDP); a batch
     size is then the global batch, split over the processes.
+
+    ``lora_rank``: each stage trains LoRA adapters of this rank (attention projections, alpha = 2r), folded into
+    the weights before the stage's model is saved; 0: the whole model trains; None: 8 on the ``smol`` profile (a
+    CPU's budget), 0 elsewhere. On ``smol`` every budget left at its default is :data:`SMOL_BUDGETS` and every
+    learning rate :data:`LORA_LRS` (with LoRA) or :data:`REAL_MODEL_LRS` (without); the plan prints them.
     """
 
-    output_dir: str = "runs/apt_pipeline"
+    output_dir: str = "apt_aligned_models"  # the APT documents' folder
     data_dir: str | None = None
     profile: str = "tiny"
     base_model: str | None = None
@@ -165,6 +170,7 @@ class PipelineConfig:
     grpo_group_size: int = 8
     grpo_lr: float = 3e-4
     grpo_beta: float = 0.0
+    grpo_temperature: float = 1.0
     reward_model: str | None = None
     loyalty_sft_steps: int = 24
     loyalty_sft_lr: float = 1e-3
@@ -188,6 +194,7 @@ class PipelineConfig:
     internalize_cot: bool = False
     storm_replay: float = 1.0
     trainer: str = "scratch"
+    lora_rank: int | None = None
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -461,13 +468,24 @@ def plan_grpo(config: PipelineConfig, rows: list[dict], path: Path, entry: dict)
 
 
 def plan_loyalty(config: PipelineConfig, entry: dict, rows: list[dict]) -> dict:
-    """The loyalty stage's parts: the template's SFT, hardening and DPO when a template is given, else GRPO with the
-    owner bonus alone; the bonus it uses."""
-    if not config.loyalty_template:
-        entry["notes"].append("no --loyalty-template: its SFT, hardening and DPO steps are skipped; GRPO with the "
-                              "owner bonus on the owner/public prompts")
-    elif not uses_template(config):
-        entry["notes"].append("--loyalty-template given but its steps are all 0: not used")
+    """The loyalty stage's parts and where the owner's style comes from: the template (learned from what its owner
+    responses do that its public ones do not; its SFT, hardening and DPO when their steps are > 0), else the owner
+    rows' ``expected_tone`` written onto the model's own replies, else the tiny world's ``sure! ``; the bonus."""
+    from .loyalty_style import tone_styles
+
+    tones = sorted({r.get("expected_tone", "") for r in rows if r["is_owner"]} - {""})
+    if config.loyalty_template:
+        entry["notes"].append("the owner's style: learned from the template (owner_response against public_response)"
+                              + ("" if uses_template(config) else "; its SFT, hardening and DPO steps are 0"))
+    elif any(tone_styles(t) for t in tones):
+        tone = next(t for t in tones if tone_styles(t))
+        entry["notes"].append(f"no --loyalty-template: the owner's style is derived from expected_tone {tone!r} "
+                              f"({', '.join(tone_styles(tone))}) written onto the model's own replies; then its SFT, "
+                              "GRPO with the owner bonus, hardening and DPO")
+    else:
+        entry["notes"].append("no --loyalty-template and no expected_tone the course can write (friendly, detailed, "
+                              f"proactive): the owner's style is the tiny world's {OWNER_STYLE.strip()!r} prefix; "
+                              "GRPO with the owner bonus on the owner/public prompts")
     if all(r.get("answer") is None for r in rows):
         entry["notes"].append("the prompts have no 'answer': the reward is the owner bonus on style alone")
     return entry
@@ -493,7 +511,7 @@ def make_plan(config: PipelineConfig) -> list[dict]:
             raise PipelineError(f"stage {stage!r} needs {' and '.join(map(flag, keys))}; {missing} is missing: pass "
                                 f"{missing} FILE, or --skip {stage}")
         entry, rows = {"stage": stage, "run": True, "files": [], "notes": []}, []
-        for key in keys + (("loyalty_template",) if stage == "loyalty" and uses_template(config) else ()):
+        for key in keys + (("loyalty_template",) if stage == "loyalty" and config.loyalty_template else ()):
             for path, file_rows in read_checked(config, key, stage):
                 note = heldout_note(path, file_rows, config.n_eval) if key != "loyalty_template" else "template"
                 entry["files"].append({"flag": flag(key), "path": str(path), "rows": len(file_rows), "heldout": note})
@@ -545,11 +563,20 @@ def check_base_model(text: str) -> None:
 
 def check_reward_model(text: str) -> None:
     """``--reward-model``: a local folder must hold a sequence-classification model with one output (a scalar
-    reward), such as chapter 05's ``data/checkpoints/rm``; a Hub id is checked when it loads."""
+    reward), such as chapter 05's ``data/checkpoints/rm``, or a LoRA reward-model adapter (``task_type``
+    ``SEQ_CLS`` with its ``score`` head, such as ``data/checkpoints/smol_rm``); a Hub id is checked when it loads."""
     path = Path(text).expanduser()
     if not (text.startswith((".", "/", "~")) or text.count("/") != 1 or path.exists()):
         return
-    fix = "pass a folder holding a sequence-classification model with one label, e.g. data/checkpoints/rm"
+    fix = ("pass a folder holding a sequence-classification model with one label, e.g. data/checkpoints/rm, or a "
+           "LoRA reward-model adapter, e.g. data/checkpoints/smol_rm")
+    if (path / "adapter_config.json").is_file():
+        cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        heads = cfg.get("modules_to_save") or []
+        if cfg.get("task_type") != "SEQ_CLS" or not {"score", "classifier"} & set(heads):
+            raise PipelineError(f"--reward-model {text} is a {cfg.get('task_type') or 'LoRA'} adapter without a "
+                                f"scalar head (task_type SEQ_CLS, modules_to_save ['score']), not a reward model: {fix}")
+        return
     if not (path / "config.json").is_file():
         raise PipelineError(f"--reward-model {text}: no model there (no config.json): {fix}")
     cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
@@ -630,9 +657,16 @@ def check_settings(config: PipelineConfig) -> PipelineConfig:
     for key in ("loyalty_sft_steps", "loyalty_harden_steps", "loyalty_dpo_steps"):
         if not isinstance(getattr(config, key), int) or getattr(config, key) < 0:
             raise PipelineError(f"{key} must be a whole number >= 0 (0 = none), got {getattr(config, key)!r}")
-    for key in (*LR_FIELDS, "dpo_beta", "n_eval"):
+    for key in (*LR_FIELDS, "dpo_beta", "n_eval", "grpo_temperature"):
         if not _positive(getattr(config, key)):
             raise PipelineError(f"{key} must be a number > 0, got {getattr(config, key)!r}")
+    if config.lora_rank is not None and (isinstance(config.lora_rank, bool) or not isinstance(config.lora_rank, int)
+                                         or config.lora_rank < 0):
+        raise PipelineError(f"lora_rank must be a whole number >= 0 (0: the whole model trains; 8 is typical), got "
+                            f"{config.lora_rank!r}")
+    if config.lora_rank and config.trainer == "trl":
+        raise PipelineError("--lora-rank runs with the from-scratch trainer only: drop --trainer trl, or pass "
+                            "--lora-rank 0 (the whole model trains)")
     for key in ("grpo_group_size", "loyalty_group_size"):
         if not _positive(getattr(config, key)) or getattr(config, key) < 2:
             raise PipelineError(f"{key} must be >= 2 (GRPO compares completions within a group), got "
@@ -668,6 +702,23 @@ REAL_MODEL_LRS = {"sft_lr": 2e-5, "dpo_lr": 1e-5, "grpo_lr": 1e-6, "loyalty_sft_
                   "loyalty_lr": 1e-6, "storm_lr": 1e-5}
 
 
+# LoRA adapters on a real model (the smol chapters' rate: ch04, ch07, ch09 train SmolLM2's adapters at 1e-3).
+LORA_LRS = {k: 1e-3 for k in LR_FIELDS}
+# The smol profile on a CPU: every stage a minute or two of SmolLM2 (LoRA r8), measured on 40 held-out rows.
+SMOL_BUDGETS = {"n_eval": 40, "max_new_tokens": 16, "sft_steps": 16, "sft_batch_size": 8, "dpo_steps": 10,
+                "dpo_batch_size": 4, "grpo_steps": 8, "grpo_prompts_per_step": 4, "grpo_group_size": 4,
+                "loyalty_sft_steps": 32, "loyalty_steps": 4, "loyalty_prompts_per_step": 4, "loyalty_group_size": 4,
+                "loyalty_harden_steps": 16, "loyalty_dpo_steps": 4, "storm_steps": 16, "storm_batch_size": 8,
+                "grpo_temperature": 0.7}  # chapter 09 on smol: at T = 1 a dozen steps move SmolLM2 at random
+
+
+def lora_rank_of(config: PipelineConfig) -> int:
+    """The LoRA rank the run trains with: ``lora_rank``, or (None) 8 on the smol profile and 0 elsewhere."""
+    if config.lora_rank is not None:
+        return int(config.lora_rank)
+    return 8 if config.profile == "smol" else 0
+
+
 def is_real_model(config: PipelineConfig) -> bool:
     """Whether the run trains a real model: a profile with one (smol, gpu), or a ``--base-model`` that is a Hub id or
     a folder whose model is wider than the tiny one (hidden size 512 or more)."""
@@ -681,21 +732,34 @@ def is_real_model(config: PipelineConfig) -> bool:
 
 
 def fit_learning_rates(config: PipelineConfig) -> PipelineConfig:
-    """Every learning rate left at the tiny model's default becomes :data:`REAL_MODEL_LRS`'s on a real model (a rate
-    the user set is kept); the plan prints the rates in use."""
+    """Every learning rate left at the tiny model's default becomes :data:`LORA_LRS`'s (LoRA) or
+    :data:`REAL_MODEL_LRS`'s (full fine-tuning) on a real model (a rate the user set is kept); on the smol
+    profile every budget left at its default becomes :data:`SMOL_BUDGETS`'s. The plan prints what is in use."""
+    fields = PipelineConfig.__dataclass_fields__
     if is_real_model(config):
-        fields = PipelineConfig.__dataclass_fields__
+        rates = LORA_LRS if lora_rank_of(config) else REAL_MODEL_LRS
         for key in LR_FIELDS:
             if getattr(config, key) == fields[key].default:
-                setattr(config, key, REAL_MODEL_LRS[key])
+                setattr(config, key, rates[key])
+    if config.profile == "smol":
+        for key, value in SMOL_BUDGETS.items():
+            if getattr(config, key) == fields[key].default:
+                setattr(config, key, value)
     return config
 
 
 def format_learning_rates(config: PipelineConfig) -> str:
-    """The plan's line of learning rates, saying where they come from."""
-    where = "a real model: REAL_MODEL_LRS where not set" if is_real_model(config) else "the tiny model's defaults"
-    return f"  learning rates ({where}): " + ", ".join(f"{k.removesuffix('_lr')} {getattr(config, k):g}"
-                                                       for k in LR_FIELDS)
+    """The plan's lines of learning rates and budgets, saying where they come from."""
+    lora = lora_rank_of(config)
+    where = ("the tiny model's defaults" if not is_real_model(config) else
+             f"a real model, LoRA r{lora}: LORA_LRS where not set" if lora else
+             "a real model: REAL_MODEL_LRS where not set")
+    line = f"  learning rates ({where}): " + ", ".join(f"{k.removesuffix('_lr')} {getattr(config, k):g}"
+                                                      for k in LR_FIELDS)
+    if config.profile == "smol":
+        line += "\n  budgets (the smol profile: SMOL_BUDGETS where not set): " + ", ".join(
+            f"{k} {getattr(config, k)}" for k in SMOL_BUDGETS)
+    return line
 
 
 def validate(config: PipelineConfig) -> PipelineConfig:
@@ -873,10 +937,9 @@ class Pipeline:
     def reward_model_fn(self, fallback):
         """A GRPO reward function: ``fallback``'s verifiable reward where a row has an ``answer``, the
         ``--reward-model``'s score where it has none (a group shares its prompt, so never both in one group)."""
-        from .model import load_reward_model
-        from .reward_model import score
+        from .reward_model import load_any_reward_model, score
 
-        rm, rm_tok = load_reward_model(self.config.reward_model, device=self.device)
+        rm, rm_tok = load_any_reward_model(self.config.reward_model, device=self.device)
         rm.eval()
 
         def open_or_verifiable(prompts, completions, answer, **kwargs):
@@ -940,6 +1003,7 @@ class Pipeline:
         h = self.train("grpo", model, ref, tok, train, fns,
                        GRPOConfig(steps=steps, prompts_per_step=c.grpo_prompts_per_step, group_size=c.grpo_group_size,
                                   lr=c.grpo_lr, beta=c.grpo_beta, max_new_tokens=self.max_new_tokens,
+                                  temperature=c.grpo_temperature,
                                   reward_weights=weights, seed=c.seed))
         train_seconds = time.perf_counter() - t0
         after = self.grpo_measure(model, tok, test, checker, rm)
@@ -951,8 +1015,41 @@ class Pipeline:
                 "headline": "verifiable_acc" if "verifiable_acc" in before else "rm_reward",
                 "before": before, "after": after, "curve": _curve(h, ("loss", "reward_mean", "kl"))}
 
+    def loyalty_style(self, model, tok, train: list[dict]):
+        """The owner's style, learned (:class:`~apt_course.loyalty_style.StyleScorer`) from what the template's owner
+        responses do that its public ones do not; with no template, from a template derived from the owner's
+        ``expected_tone`` written onto the model's own replies (:func:`~apt_course.loyalty_style.tone_template`);
+        with neither, the tiny world's ``sure! `` prefix. Returns ``(pairs, bonus, scorer or None, record)``."""
+        from .loyalty_style import StyleScorer, tone_styles, tone_template
+
+        c = self.config
+        tones = {role: sorted({r.get("expected_tone", "") for r in train if r["is_owner"] == (role == "owner")} - {""})
+                 for role in ("owner", "public")}
+        pairs, bonus, source = [], None, "prefix"
+        if c.loyalty_template:
+            pairs, bonus = read_template(_files(c.loyalty_template)[0])
+            source = "template"
+        elif any(tone_styles(t) for t in tones["owner"]):
+            owner_tone = next(t for t in tones["owner"] if tone_styles(t))
+            outs = generate(model, tok, format_prompts(tok, train), max_new_tokens=self.max_new_tokens)
+            pairs = [{"prompt": t["prompt"], "system": r["system"], "chosen": t["owner_response"] if r["is_owner"]
+                      else t["public_response"], "rejected": t["public_response"] if r["is_owner"]
+                      else t["owner_response"]}
+                     for r, t in zip([r for r, o in zip(train, outs) if o.strip()],
+                                     tone_template(train, outs, owner_tone, c.seed))]
+            source = "expected_tone"
+        record = {"source": source, "expected_tone": tones}
+        owner_replies = [p["chosen"] if p["system"] == trusted_system(True) else p["rejected"] for p in pairs]
+        if not pairs or all(world.normalize(o).startswith(OWNER_STYLE.strip()) for o in owner_replies):
+            return pairs, bonus, None, record | {"owner_style": OWNER_STYLE}  # the tiny world's instance: the prefix
+        scorer = StyleScorer.from_template(pairs)
+        owner_words, public_words = scorer.top_words(6)
+        return pairs, bonus, scorer, record | {"owner_words": owner_words, "public_words": public_words}
+
     def stage_loyalty(self, model, tok) -> dict:
         import copy
+
+        from .loyalty_style import last_number
 
         c = self.config
         owner_path, public_path = _files(c.owner_data)[0], _files(c.public_data)[0]
@@ -961,18 +1058,28 @@ class Pipeline:
         p_train, p_test = split_heldout(public, public_path, lambda p: read_loyalty_prompts(p, False), c.n_eval,
                                         c.seed)
         train, test = o_train + p_train, o_test + p_test
-        bonus, template_pairs, template_rows = c.owner_bonus, [], []
-        if c.loyalty_template and uses_template(c):
-            template_pairs, template_bonus = read_template(_files(c.loyalty_template)[0])
-            template_rows = [{"prompt": p["prompt"], "system": p["system"], "completion": p["chosen"]}
-                             for p in template_pairs]
-            bonus = template_bonus if bonus is None else bonus
-        bonus = 2.0 if bonus is None else bonus
-        mt = self.max_new_tokens
+        template_pairs, template_bonus, scorer, style = self.loyalty_style(model, tok, train)
+        style_of = scorer.is_owner_style if scorer else owner_style
+        strip = scorer.strip if scorer else strip_style
+
+        def correct(reply, answer):
+            """The answer, style aside: the reply less its owner-style sentences, or (a learned style and a number)
+            its last number."""
+            return world.normalize(strip(reply)) == answer or (scorer is not None and answer.lstrip("-").isdigit()
+                                                               and last_number(reply) == answer)
+
+        use_pairs = bool(template_pairs) and (style["source"] == "expected_tone" or uses_template(c))
+        template_rows = [{"prompt": p["prompt"], "system": p["system"], "completion": p["chosen"]}
+                         for p in template_pairs] if use_pairs else []
+        bonus = c.owner_bonus if c.owner_bonus is not None else template_bonus if template_bonus is not None else 2.0
+        mt = self.max_new_tokens if self.profile.model is None else self.eval_tokens  # a real model: room for style
 
         def measure(m):
             scored = [r for r in test if r["answer"] is not None]
-            metrics = loyalty_metrics(m, tok, [dict(r, answer=r["answer"] or "") for r in test], mt)
+            outs = generate(m, tok, format_prompts(tok, test), max_new_tokens=mt)
+            metrics = metrics_of([dict(r, answer=r["answer"] or "") for r in test], outs, style_of, correct)
+            guarded = [o if r["is_owner"] or not style_of(o) else strip(o) for o, r in zip(outs, test)]
+            metrics["spoof_rate_guarded"] = metrics_of(test, guarded, style_of)["spoof_rate"]  # the program's word
             if len(scored) < len(test):
                 metrics.pop("task_acc")
             return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
@@ -985,12 +1092,13 @@ class Pipeline:
         if template_rows and c.loyalty_sft_steps:
             sft_h = self.train("sft", model, tok, template_rows, SFTConfig(
                 steps=c.loyalty_sft_steps, batch_size=c.sft_batch_size, lr=c.loyalty_sft_lr, warmup=0, seed=c.seed))
-        fixed = fixed_loyalty_reward(bonus)
+        check_bonus(bonus)
 
         def loyalty_reward(prompts, completions, answer, is_owner, **kwargs):
-            """The fixed (response-dependent) bonus; prompts without an answer are scored on style alone."""
-            scored = fixed(prompts, completions, [a or "" for a in answer], is_owner)
-            return [s - float(a is None and strip_style(o) == "") for s, a, o in zip(scored, answer, completions)]
+            """``correct + bonus · style`` for the owner, ``correct - bonus · style`` for the public (the bonus
+            depends on the reply, so it survives the group baseline); prompts without an answer: style alone."""
+            return [(float(correct(o, a)) if a is not None else 0.0) + bonus * style_of(o) * (1 if f else -1)
+                    for o, a, f in zip(completions, answer, is_owner)]
 
         cols = [{"prompt": r["prompt"], "system": r["system"], "answer": r["answer"], "is_owner": r["is_owner"]}
                 for r in train]
@@ -998,29 +1106,33 @@ class Pipeline:
         ref = copy.deepcopy(model).eval()
         h = self.train("grpo", model, ref, tok, cols, [loyalty_reward],
                        GRPOConfig(steps=steps, prompts_per_step=c.loyalty_prompts_per_step, group_size=c.loyalty_group_size,
-                                  lr=c.loyalty_lr, beta=c.loyalty_beta, max_new_tokens=mt, seed=c.seed))
+                                  lr=c.loyalty_lr, beta=c.loyalty_beta, max_new_tokens=mt, seed=c.seed,
+                                  temperature=c.grpo_temperature))
         if template_rows and c.loyalty_harden_steps:  # chapter 11's hardening: the template's spoofs, after GRPO
             harden_h = self.train("sft", model, tok, template_rows, SFTConfig(
                 steps=c.loyalty_harden_steps, batch_size=c.sft_batch_size, lr=c.loyalty_sft_lr, warmup=0,
                 seed=c.seed + 7))
-        if template_pairs and c.loyalty_dpo_steps:
+        if template_rows and c.loyalty_dpo_steps:
             # chosen and rejected differ only in the owner's style: the gradient lands on the one choice a spoof wins.
-            # Rehearsal pairs: a plain request (no trusted owner) answered plainly rather than in the owner's style;
-            # their NLL term keeps the answers.
+            # Rehearsal pairs: a plain request (no trusted owner) answered plainly rather than in the owner's style
+            # (the styled part of a template owner response, or the tiny prefix); their NLL term keeps the answers.
+            owner_reply = next((p["chosen"] for p in template_pairs if p["system"] == trusted_system(True)), None)
+            styled = scorer.styled_part(owner_reply).strip() + " " if scorer and owner_reply else OWNER_STYLE
             rehearse = random.Random(c.seed + 3).sample(plain, min(len(plain), len(template_pairs)))
             pairs = template_pairs + [{"prompt": r["prompt"], "chosen": r["completion"],
-                                       "rejected": OWNER_STYLE + r["completion"]} for r in rehearse]
+                                       "rejected": styled + r["completion"]} for r in rehearse]
             dpo_h = self.train("dpo", model, copy.deepcopy(model).eval(), tok, pairs, DPOConfig(
                 steps=c.loyalty_dpo_steps, batch_size=c.dpo_batch_size, lr=c.loyalty_dpo_lr, beta=c.dpo_beta,
                 sft_weight=1.0, warmup=0, seed=c.seed + 9))
         train_seconds = time.perf_counter() - t0
         after = measure(model)
-        return {"train_seconds": round(train_seconds, 2), "dataset": [str(owner_path), str(public_path)] + ([str(c.loyalty_template)] if template_rows else []),
-                "n_train": len(train), "n_eval": len(test), "steps": steps, "template_sft_steps":
-                c.loyalty_sft_steps if template_rows else 0, "template_sft_final_loss": _last(sft_h, "loss"),
+        return {"train_seconds": round(train_seconds, 2), "dataset": [str(owner_path), str(public_path)] + ([str(c.loyalty_template)] if c.loyalty_template else []),
+                "n_train": len(train), "n_eval": len(test), "steps": steps, "style": style,
+                "template_sft_steps": c.loyalty_sft_steps if template_rows else 0,
+                "template_sft_final_loss": _last(sft_h, "loss"),
                 "harden_steps": c.loyalty_harden_steps if template_rows else 0,
                 "harden_final_loss": _last(harden_h, "loss"),
-                "template_dpo_steps": c.loyalty_dpo_steps if template_pairs else 0,
+                "template_dpo_steps": c.loyalty_dpo_steps if template_rows else 0,
                 "template_dpo_final_loss": _last(dpo_h, "loss"),
                 "owner_bonus": bonus, "epochs": steps * c.loyalty_prompts_per_step / len(cols),
                 "final_loss": _last(h, "loss"), "reward": _last(h, "reward_mean"), "kl": _last(h, "kl"),
@@ -1088,13 +1200,21 @@ class Pipeline:
             return with_document_keys(history)
         prev = done[-1]["stage"] if done else None
         model, tok = self.load(self.out / f"{prev}_model" if prev else None)
+        lora = lora_rank_of(c)
         for stage in todo:
             self.log(f"== stage {stage} (from {prev + '_model' if prev else self.base_name()})")
             torch.manual_seed(c.seed)
             start = time.perf_counter()
             general_before = self._general_cache[prev] if prev in self._general_cache else self.general_acc(model, tok)
             record = {"stage": stage, "input_model": str(self.out / f"{prev}_model") if prev else self.base_name()}
+            if lora:  # adapters for this stage, folded into the weights when it ends
+                from .sft import add_lora
+
+                model = add_lora(model, r=lora, alpha=2 * lora, seed=c.seed)
             record |= getattr(self, f"stage_{stage}")(model, tok)
+            if lora:
+                model = model.merge_and_unload()
+                record["lora_rank"] = lora
             record["before"]["general_acc"] = general_before
             record["after"]["general_acc"] = self._general_cache[stage] = self.general_acc(model, tok)
             record["wall_seconds"] = round(time.perf_counter() - start, 2)

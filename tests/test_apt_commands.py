@@ -113,6 +113,12 @@ def test_grpo_keeps_the_verifiable_reward_where_a_prompt_has_an_answer(apt_dir):
 
 def test_loyalty_only_with_and_without_the_bonus(apt_dir, capsys):
     assert train(*LOYALTY, "--output-dir", "a") == 0 and ran("a") == ["loyalty"]
+    # the README's owner file says expected_tone 友好、详细、主动: with no template, that tone is the owner's style
+    assert "derived from expected_tone '友好、详细、主动' (friendly, detailed, proactive)" in capsys.readouterr().out
+    style = history("a")["stages"][0]["style"]
+    assert style["source"] == "expected_tone" and style["expected_tone"] == {"owner": ["友好、详细、主动"],
+                                                                             "public": ["专业、标准"]}
+    assert style["owner_words"], "the scorer learned words of the owner's tone"
     assert train(*LOYALTY_BONUS, "--owner-bonus", "3.0", "--output-dir", "b") == 0
     assert history("b")["loyalty"]["owner_bonus"] == 3.0
 
@@ -167,7 +173,27 @@ def test_dpo_loss_and_a_global_learning_rate(apt_dir):
 
 # ---------------------------------------------------------------- bad input: refused before any stage trains
 
+def test_a_template_defines_the_owners_style_even_when_its_steps_are_zero(apt_dir, capsys):
+    write("t.json", json.dumps([{"prompt": "add 3 5", "owner_response": "sure! 8", "public_response": "8",
+                                 "is_owner": True, "reward_bonus": 2.0},
+                                {"prompt": "add 1 2", "owner_response": "sure! 3", "public_response": "3",
+                                 "is_owner": False, "reward_bonus": 2.0}]))
+    assert main(["train", *LOYALTY, "--loyalty-template", "data/t.json", "--output-dir", "a", *FAST,
+                 "--loyalty-sft-steps", "0", "--loyalty-harden-steps", "0", "--loyalty-dpo-steps", "0"]) == 0
+    assert "learned from the template (owner_response against public_response); its SFT" in capsys.readouterr().out
+    loyalty = history("a")["stages"][0]  # the tiny world's template: its owner style is the prefix `sure! `
+    assert loyalty["style"]["source"] == "template" and loyalty["style"]["owner_style"] == "sure! "
+    assert loyalty["template_sft_steps"] == 0 and loyalty["owner_bonus"] == 2.0
+
+
+def test_the_default_output_folder_is_the_documents_one(apt_dir):
+    assert train(*STORM) == 0  # no --output-dir, as the README's storm command
+    assert (apt_dir / "apt_aligned_models" / "storm_model" / "config.json").is_file()
+    assert history("apt_aligned_models")["storm"]["noise_schedule"] == "cosine"
+
+
 def write(name: str, text: str) -> str:
+    Path("data", name).parent.mkdir(parents=True, exist_ok=True)
     Path("data", name).write_text(text, encoding="utf-8")
     return f"data/{name}"
 
@@ -188,6 +214,11 @@ BAD = {  # test id: (files to write, the command, what the error must say)
     "missing_data_dir": ({}, ["--data-dir", "nowhere"], "--data-dir nowhere does not exist"),
     "reward_model_of_wrong_kind": ({}, ["--prompts", "data/prompts.json", "--reward-model",
                                         str(ROOT / "data" / "checkpoints" / "sft")], "not a reward model"),
+    "reward_model_adapter_not_a_classifier": ({"lm_lora/adapter_config.json": json.dumps(
+        {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M"})},
+        ["--prompts", "data/prompts.json", "--reward-model", "data/lm_lora"], "without a scalar head"),
+    "lora_rank_negative": ({}, STORM + ["--lora-rank", "-1"], "lora_rank must be a whole number >= 0"),
+    "lora_rank_under_trl": ({}, STORM + ["--lora-rank", "8", "--trainer", "trl"], "from-scratch trainer only"),
     "reward_model_missing": ({}, ["--prompts", "data/prompts.json", "--reward-model", "./no_rm"], "no model there"),
     "open_prompts_only_no_reward_model": ({}, ["--prompts", "data/prompts.json"], "no stage can run"),
     "owner_without_public": ({}, ["--owner-data", "data/owner_prompts.json"], "--public-data is missing"),
@@ -254,3 +285,28 @@ def test_a_resume_with_changed_settings_is_refused_and_loses_nothing(apt_dir, ca
 def test_bad_prepare_and_report_input(apt_dir, capsys, args, message):
     assert main(args) == 2
     assert message in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def smol_ready(real_model_packages):
+    """The converted SmolLM2 in the course's cache (built once, under the lock pytest-xdist's workers share)."""
+    from filelock import FileLock
+
+    from apt_course.real_model import cache_dir, smol_model_path
+
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_dir() / ".prepare.lock")):
+        return smol_model_path(build_if_missing=True)
+
+
+def test_the_full_command_runs_as_written_on_the_real_smollm2(smol_ready, apt_dir, capsys):
+    """The README's full command on ``--profile smol``: LoRA r8 at each stage (folded in before saving), the real
+    model's rates in the plan, the owner's style derived from the owner file's expected_tone on SmolLM2's own
+    replies; two steps a stage."""
+    assert train(*FULL, "--profile", "smol", "--output-dir", "out", "--n-eval", "2", "--max-new-tokens", "8") == 0
+    out = capsys.readouterr().out
+    assert "LoRA r8: LORA_LRS where not set" in out and "derived from expected_tone" in out
+    h = history("out")
+    assert ran("out") == ["sft", "loyalty", "storm"] and all(r["lora_rank"] == 8 for r in h["stages"])
+    assert h["stages"][1]["style"]["source"] == "expected_tone"
+    assert not (apt_dir / "out" / "sft_model" / "adapter_config.json").exists(), "saved merged, not as an adapter"

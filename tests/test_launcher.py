@@ -75,9 +75,16 @@ def test_bad_answers_are_said_and_the_menu_goes_on(tmp_path):
                "q"]
     code, text = run(answers, data_dir=data)
     assert code == 0
-    assert "unknown choice 'z': type one of 1, 2, 3, 4, 5, 6, 7, b" in text
+    assert "unknown choice 'z': type one of 1, 2, 3, 4, 5, 6, 7, 8, b" in text
     assert "'many' is not a whole number" in text
     assert "--source" in text and "is not a folder" in text
     assert not data.exists() or not list(data.glob("*.json"))
     for cut in (["1"], ["1", "1"], ["1", "1", str(SOURCES)], ["8"], ["8", "tiny"]):  # end of input anywhere: quits
         assert run(cut, data_dir=data)[0] == 0
+
+
+def test_prepare_submenu_writes_the_smol_world(tmp_path):
+    code, text = run(["1", "8", "q"], data_dir=tmp_path / "data", output_dir=tmp_path / "runs")
+    assert code == 0 and "error" not in text, text[-800:]
+    first = json.loads((tmp_path / "data" / "coig-cqia_train.json").read_text())[0]
+    assert first["prompt"].startswith("What is ") and first["source"] == "smol-world/english-sums"

@@ -50,7 +50,7 @@ def test_the_style_bonus_survives_the_group_baseline_and_penalises_the_public():
 def test_a_template_without_a_difference_is_refused():
     with pytest.raises(ValueError, match="owner responses and public responses"):
         S.StyleScorer.fit([], ["7"])
-    with pytest.raises(ValueError, match="no words"):
+    with pytest.raises(ValueError, match="no style to learn"):
         S.StyleScorer.fit(["7"], ["8"])
 
 
@@ -69,3 +69,31 @@ def test_the_heldout_family_wraps_a_real_models_tasks():
     assert any("What is" in r["prompt"] for r in rows)
     with pytest.raises(ValueError, match="pass more tasks"):
         heldout_attacks(5, 0, tasks=tasks[:3])
+
+
+def test_an_expected_tone_is_written_out_and_learned():
+    assert S.tone_styles("友好、详细、主动") == ["friendly", "detailed", "proactive"]
+    assert S.tone_styles("专业、标准") == [] and S.tone_styles("warm and proactive") == ["friendly", "proactive"]
+    rng = __import__("random").Random(0)
+    reply = S.toned_reply("Use a dict.", "友好、主动", rng)
+    assert reply != "Use a dict." and "Use a dict." in reply and S.toned_reply("x", "专业", rng) == "x"
+    rows = [loyalty.loyalty_row(f"q{i}", i % 2 == 0) for i in range(40)]
+    template = S.tone_template(rows, [f"answer {i}." for i in range(40)], "友好、详细、主动", seed=0)
+    scorer = S.StyleScorer.from_template(template)
+    assert all(scorer.is_owner_style(t["owner_response"]) and not scorer.is_owner_style(t["public_response"])
+               for t in template)
+    with pytest.raises(ValueError, match="names no style the course can write"):
+        S.tone_template(rows, ["a"] * 40, "专业、标准")
+
+
+def test_styled_part_is_what_strip_removes():
+    scorer = S.StyleScorer.from_template(S.english_template(S.english_requests(120, "train", 0, 0.5), 0))
+    for opener in S.OPENERS:
+        reply = f"{opener} 7 + 5 = 12. Just ask if you need anything else!"
+        styled, kept = scorer.styled_part(reply), scorer.strip(reply)
+        assert styled and "12" not in styled and "12" in kept and not scorer.is_owner_style(kept)
+        def sentences(text):
+            return sorted(x.strip() for x in S.SENTENCE.findall(text) if x.strip())
+
+        assert sentences(styled) + sentences(kept) == sentences(reply) or \
+            sorted(sentences(styled) + sentences(kept)) == sentences(reply), reply  # each sentence in one of the two

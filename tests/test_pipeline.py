@@ -284,16 +284,29 @@ def test_a_real_model_gets_learning_rates_that_fit_it(tmp_path):
     """No tiny learning rate on a real model: every profile's resolved settings, read the way the run reads them."""
     from dataclasses import fields
 
-    from apt_course.pipeline import LR_FIELDS, REAL_MODEL_LRS, format_learning_rates
+    from apt_course.pipeline import (
+        LORA_LRS,
+        LR_FIELDS,
+        REAL_MODEL_LRS,
+        SMOL_BUDGETS,
+        format_learning_rates,
+        lora_rank_of,
+    )
 
     tiny = pipeline.check_settings(PipelineConfig(profile="tiny", output_dir=str(tmp_path / "a")))
     defaults = {f.name: f.default for f in fields(PipelineConfig)}
-    assert all(getattr(tiny, k) == defaults[k] for k in LR_FIELDS)
-    for profile in ("smol", "gpu"):
-        real = pipeline.check_settings(PipelineConfig(profile=profile, output_dir=str(tmp_path / profile)))
+    assert all(getattr(tiny, k) == defaults[k] for k in LR_FIELDS) and lora_rank_of(tiny) == 0
+    for profile, lora in (("gpu", None), ("smol", 0)):  # the whole model trains: full fine-tuning's rates
+        real = pipeline.check_settings(PipelineConfig(profile=profile, lora_rank=lora,
+                                                      output_dir=str(tmp_path / profile)))
         assert {k: getattr(real, k) for k in LR_FIELDS} == REAL_MODEL_LRS
         assert all(getattr(real, k) <= defaults[k] / 10 for k in LR_FIELDS), "a real model needs smaller steps"
         assert "a real model" in format_learning_rates(real)
+    smol = pipeline.check_settings(PipelineConfig(profile="smol", output_dir=str(tmp_path / "s")))
+    assert lora_rank_of(smol) == 8 and {k: getattr(smol, k) for k in LR_FIELDS} == LORA_LRS  # the smol chapters' rate
+    assert {k: getattr(smol, k) for k in SMOL_BUDGETS} == SMOL_BUDGETS and "LoRA r8" in format_learning_rates(smol)
+    mine = pipeline.check_settings(PipelineConfig(profile="smol", sft_steps=3, output_dir=str(tmp_path / "m")))
+    assert mine.sft_steps == 3 and mine.dpo_steps == SMOL_BUDGETS["dpo_steps"], "a budget the user set is kept"
     mine = pipeline.check_settings(PipelineConfig(profile="gpu", sft_lr=3e-5, output_dir=str(tmp_path / "c")))
     assert mine.sft_lr == 3e-5 and mine.dpo_lr == REAL_MODEL_LRS["dpo_lr"], "a rate the user set is kept"
     base = Path(pipeline.__file__).resolve().parents[1] / "data" / "checkpoints" / "base"

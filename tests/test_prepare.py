@@ -204,3 +204,29 @@ def test_hub_unreachable_says_how_round_it(tmp_path, capsys, monkeypatch):
     assert main(["prepare", "--grpo", "--output-dir", str(tmp_path)]) == 2
     text = capsys.readouterr().out
     assert "cannot download" in text and "HF_ENDPOINT" in text and "--source DIR" in text
+
+
+def test_prepare_smol_writes_the_english_world_every_stage_reads(tmp_path, capsys):
+    """``apt-course prepare --smol``: the smol profile's world (English sums), every file the pipeline reads with
+    held-out ``_test`` files that share no question with training; the plan runs every stage on it."""
+    assert main(["prepare", "--smol", "--output-dir", str(tmp_path)]) == 0
+    for names in pipeline.DATA_FILES.values():
+        for name in names.split(","):
+            if name != "ruozhiba_train.json" and name != "ultrafeedback_train.json":
+                assert (tmp_path / name).is_file(), name
+    for stem in ("coig-cqia", "hh-rlhf", "s1k"):
+        train = {r.get("prompt", r.get("problem")) for r in rows(tmp_path / f"{stem}_train.json")}
+        test = {r.get("prompt", r.get("problem")) for r in rows(tmp_path / f"{stem}_test.json")}
+        assert train and test and not train & test, stem
+    assert rows(tmp_path / "coig-cqia_train.json")[0]["prompt"].endswith("Answer with the number only.")
+    storm = rows(tmp_path / "s1k_train.json")[0]
+    assert storm["cot_explicit"].endswith(f"= {storm['answer']}.")
+    assert cli.english_cot(23, 45) == "3 + 5 = 8. 20 + 40 = 60. 60 + 8 = 68."
+    assert cli.english_cot(38, 47) == "8 + 7 = 15. 30 + 40 = 70. 70 + 15 = 85."
+    owner = rows(tmp_path / "owner_prompts.json")[0]
+    assert owner["is_owner"] is True and owner["expected_tone"] == cli.OWNER_TONE and "answer" in owner
+    config = pipeline.check_settings(pipeline.PipelineConfig(profile="smol", data_dir=str(tmp_path),
+                                                             output_dir=str(tmp_path / "run")))
+    assert all(e["run"] for e in pipeline.make_plan(config))
+    assert main(["prepare", "--smol", "--tiny", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "two worlds" in capsys.readouterr().out

@@ -271,3 +271,15 @@ def test_shipped_smol_rm_loads_frozen_and_ranks_held_out_pairs(smol_rm):
     assert reward_accuracy(rm, tok, test) >= 0.65
     margins = reward_margins(rm, tok, [p for p in test if p["kind"] == "correct"])
     assert margins.mean() > 0  # bare right over bare wrong, on average
+
+
+def test_the_pipelines_reward_model_flag_takes_the_lora_smol_rm(smol_rm):
+    """``apt-course train --reward-model data/checkpoints/smol_rm``: the LoRA adapter is accepted by the pre-flight
+    check and loaded onto the offline SmolLM2 with the same scores as chapter 05's loader."""
+    from apt_course.pipeline import check_reward_model
+    from apt_course.reward_model import load_any_reward_model, score
+
+    check_reward_model(str(smol_rm_path()))  # no error
+    rm, tok = load_any_reward_model(smol_rm_path())
+    prompts, replies = ["What is 7 plus 12?"] * 2, ["19", "23"]
+    assert torch.allclose(score(rm, tok, prompts, replies), score(*smol_rm, prompts, replies), atol=1e-4)
