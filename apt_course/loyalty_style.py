@@ -118,7 +118,7 @@ class StyleScorer:
     def strip(self, reply: str) -> str:
         """The reply without its owner-style sentences; if what is left still reads as owner style, only its
         digits and symbols (the answer) — so a guarded public reply is never owner-styled, by construction."""
-        kept = " ".join(s.strip() for s in SENTENCE.findall(reply) if s.strip() and not self.is_owner_style(s))
+        kept = " ".join(s for s in sentences(reply) if not self.is_owner_style(s))
         if self.is_owner_style(kept):
             kept = re.sub(r"[^\d\s=+-]", "", kept)
         return " ".join(kept.split())
@@ -126,7 +126,7 @@ class StyleScorer:
     def styled_part(self, reply: str) -> str:
         """The reply's owner-style sentences alone (``"Of course! 7 + 5 = 12. Ask me anything!"`` -> ``"Of course!
         Ask me anything!"``): what :meth:`strip` removes."""
-        return " ".join(s.strip() for s in SENTENCE.findall(reply) if s.strip() and self.is_owner_style(s))
+        return " ".join(s for s in sentences(reply) if self.is_owner_style(s))
 
     def top_words(self, k: int = 8) -> tuple[list[str], list[str]]:
         """The ``k`` words that most say "owner" and the ``k`` that most say "public"."""
@@ -158,6 +158,12 @@ def tone_styles(tone: str) -> list[str]:
     text = (tone or "").lower()
     found = {style for word, style in TONE_WORDS.items() if word in text}
     return [s for s in TONE_PHRASES if s in found]
+
+
+def writable_tone(tones) -> str | None:
+    """The first of ``tones`` (the owner rows' ``expected_tone`` values) that names a style the course can write,
+    or None."""
+    return next((t for t in sorted(set(tones) - {""}) if tone_styles(t)), None)
 
 
 def toned_reply(reply: str, tone: str, rng: random.Random) -> str:

@@ -471,14 +471,13 @@ def plan_loyalty(config: PipelineConfig, entry: dict, rows: list[dict]) -> dict:
     """The loyalty stage's parts and where the owner's style comes from: the template (learned from what its owner
     responses do that its public ones do not; its SFT, hardening and DPO when their steps are > 0), else the owner
     rows' ``expected_tone`` written onto the model's own replies, else the tiny world's ``sure! ``; the bonus."""
-    from .loyalty_style import tone_styles
+    from .loyalty_style import tone_styles, writable_tone
 
-    tones = sorted({r.get("expected_tone", "") for r in rows if r["is_owner"]} - {""})
+    tone = writable_tone(r.get("expected_tone", "") for r in rows if r["is_owner"])
     if config.loyalty_template:
         entry["notes"].append("the owner's style: learned from the template (owner_response against public_response)"
                               + ("" if uses_template(config) else "; its SFT, hardening and DPO steps are 0"))
-    elif any(tone_styles(t) for t in tones):
-        tone = next(t for t in tones if tone_styles(t))
+    elif tone:
         entry["notes"].append(f"no --loyalty-template: the owner's style is derived from expected_tone {tone!r} "
                               f"({', '.join(tone_styles(tone))}) written onto the model's own replies; then its SFT, "
                               "GRPO with the owner bonus, hardening and DPO")
@@ -1020,23 +1019,21 @@ class Pipeline:
         responses do that its public ones do not; with no template, from a template derived from the owner's
         ``expected_tone`` written onto the model's own replies (:func:`~apt_course.loyalty_style.tone_template`);
         with neither, the tiny world's ``sure! `` prefix. Returns ``(pairs, bonus, scorer or None, record)``."""
-        from .loyalty_style import StyleScorer, tone_styles, tone_template
+        from .loyalty import read_loyalty_template
+        from .loyalty_style import StyleScorer, tone_template, writable_tone
 
         c = self.config
         tones = {role: sorted({r.get("expected_tone", "") for r in train if r["is_owner"] == (role == "owner")} - {""})
                  for role in ("owner", "public")}
         pairs, bonus, source = [], None, "prefix"
+        owner_tone = writable_tone(tones["owner"])
         if c.loyalty_template:
             pairs, bonus = read_template(_files(c.loyalty_template)[0])
             source = "template"
-        elif any(tone_styles(t) for t in tones["owner"]):
-            owner_tone = next(t for t in tones["owner"] if tone_styles(t))
+        elif owner_tone:
             outs = generate(model, tok, format_prompts(tok, train), max_new_tokens=self.max_new_tokens)
-            pairs = [{"prompt": t["prompt"], "system": r["system"], "chosen": t["owner_response"] if r["is_owner"]
-                      else t["public_response"], "rejected": t["public_response"] if r["is_owner"]
-                      else t["owner_response"]}
-                     for r, t in zip([r for r, o in zip(train, outs) if o.strip()],
-                                     tone_template(train, outs, owner_tone, c.seed))]
+            template = tone_template(train, outs, owner_tone, c.seed)  # empty when every reply is empty
+            pairs = read_loyalty_template(template)[0] if template else []  # its bonus is ours
             source = "expected_tone"
         record = {"source": source, "expected_tone": tones}
         owner_replies = [p["chosen"] if p["system"] == trusted_system(True) else p["rejected"] for p in pairs]

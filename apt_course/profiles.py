@@ -56,6 +56,7 @@ class Profile:
 
 
 SMOL_MODEL = "apt-course:SmolLM2-135M-Instruct"  # resolved by get_profile to the converted folder
+SMOL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the same model on the Hub (the gpu profile's)
 
 PROFILES = {
     "tiny": Profile("tiny", "CPU, offline: the tiny world and the course's own 0.9M-parameter Llama"),
@@ -73,7 +74,7 @@ PROFILES = {
     "gpu": Profile(
         "gpu",
         "Colab GPU (a free T4 is enough): a real small instruct model and real datasets from the Hub",
-        model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        model=SMOL_HUB_ID,
         datasets={
             "sft": "m-a-p/COIG-CQIA",                          # Chinese instructions (the APT docs' choice)
             "sft_en": "HuggingFaceTB/smoltalk",                # English alternative

@@ -328,21 +328,19 @@ def load_smol_reward_model(device: torch.device | str = "cpu", path: str | Path 
     return rm, tokenizer
 
 
-HUB_SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-
 def load_any_reward_model(path_or_name, device: torch.device | str = "cpu"):
     """``(rm, tokenizer)`` from a full sequence-classification folder or Hub id (:func:`~apt_course.model.
     load_reward_model`), or from a LoRA reward-model adapter folder (``adapter_config.json`` with ``task_type``
     ``SEQ_CLS``, as :func:`save_smol_reward_model` writes): an adapter on SmolLM2 is put on the converted offline
     SmolLM2 (:func:`load_smol_reward_model`), any other on its ``base_model_name_or_path``."""
     from .model import load_reward_model
+    from .profiles import SMOL_HUB_ID
 
     path = Path(str(path_or_name)).expanduser()
     if not (path / "adapter_config.json").is_file():
         return load_reward_model(path_or_name, device=device)
     base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-    if base in (HUB_SMOL, None):
+    if base in (SMOL_HUB_ID, None):
         return load_smol_reward_model(device, path)
     from peft import PeftModel
 
@@ -357,7 +355,9 @@ def save_smol_reward_model(rm, path: str | Path, info: dict | None = None) -> Pa
     path = Path(path)
     config = rm.peft_config["default"]
     local = config.base_model_name_or_path
-    config.base_model_name_or_path = HUB_SMOL  # not this machine's cache path
+    from .profiles import SMOL_HUB_ID
+
+    config.base_model_name_or_path = SMOL_HUB_ID  # not this machine's cache path
     try:
         rm.save_pretrained(str(path))
     finally:
