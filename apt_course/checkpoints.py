@@ -7,6 +7,9 @@
           on tiny-world preference pairs with the Bradley–Terry loss (chapter 05's recipe).
 ``cai``:  ``sft`` taught chapter 10's critique, revision and judge formats, obeying red-team requests (the
           helpful-only start that Constitutional AI makes harmless).
+``cot``:  ``sft`` fine-tuned on the explicit chain of thought of 2- and 3-digit sums
+          (``<think>8+1=9;7+1=8;4+1=5</think>589``): a model that can reason on paper, where chapter 12's
+          internalisation and storm experiments start.
 Each folder holds ``model.safetensors``, ``config.json`` and the tokenizer, and loads with
 ``from_pretrained``. Their recipes - which chapters' trainers ran, on what data, for how long - are in
 :mod:`apt_course.recipes`; ``python -m apt_course build-checkpoints`` rebuilds them deterministically (into
@@ -23,7 +26,8 @@ import torch
 
 from .utils import repo_root
 
-NAMES = ("base", "sft", "rm", "cai")  # cai: chapter 10's helpful-only assistant that critiques, revises, judges
+NAMES = ("base", "sft", "rm", "cai", "cot")  # cai: chapter 10's helpful-only assistant that critiques, revises,
+# judges; cot: chapter 12's start, which writes the column-by-column chain of thought of 2- and 3-digit sums
 
 
 
@@ -43,7 +47,7 @@ def checkpoint_path(name: str) -> Path:
     path = checkpoints_dir() / name
     if not (path / "model.safetensors").exists():
         raise FileNotFoundError(f"checkpoint {path} is missing (a pip install without the course's data/ folder?): "
-                                "run `python -m apt_course build-checkpoints` to rebuild it (about 15 minutes on a "
+                                "run `python -m apt_course build-checkpoints` to rebuild it (about 20 minutes on a "
                                 "CPU), or set APT_COURSE_CHECKPOINTS to a folder that holds it")
     return path
 

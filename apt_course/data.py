@@ -430,8 +430,11 @@ def load_rlhf_data(profile, n_train: int = 400, n_test: int = 64, seed: int = 0,
     return {"train": prompts("train", n_train), "test": prompts("test", n_test), "quality": None}
 
 
+GRPO_TASKS = ("sums", "gsm8k")  # a real model's chapter 09 task: English sums, or the profile's math dataset
+
+
 def load_grpo_data(profile, n_train: int = 2000, n_test: int = 200, seed: int = 0, tasks=TINY_GRPO_TASKS,
-                   chatty_rate: float = 0.6) -> dict:
+                   chatty_rate: float = 0.6, task: str | None = None) -> dict:
     """Prompts, reward functions and an answer checker for a profile.
 
     tiny: tiny-world problems of ``tasks`` (train, and the held-out test split), scored by
@@ -440,10 +443,15 @@ def load_grpo_data(profile, n_train: int = 2000, n_test: int = 200, seed: int = 
     deliberately sloppy starting point. gpu: GSM8K (the profile's ``math`` dataset) through
     :func:`gsm8k_to_rows`, scored by the numeric checker; ``"sft"`` is None (the real
     model is already instruction-tuned); ``smol`` (no ``math`` dataset): :func:`~apt_course.world.english_sums`, scored
-    by the same numeric checker. Returns ``{"train", "test", "sft", "reward_fns", "reward_weights",
-    "checker", "max_new_tokens"}``; ``checker(row, completion) -> bool`` grades greedy answers.
+    by the same numeric checker. ``task`` chooses for a real model: ``"sums"`` (English sums, which a 135M model
+    can learn from its own samples), ``"gsm8k"`` (the ``math`` dataset, where such a model scores 0-2 %: name a
+    larger model for it), or None (``gsm8k`` where the profile names a ``math`` dataset, else ``sums``).
+    Returns ``{"train", "test", "sft", "reward_fns", "reward_weights", "checker", "max_new_tokens"}``;
+    ``checker(row, completion) -> bool`` grades greedy answers.
     """
     profile = _profile(profile)
+    if task is not None and task not in GRPO_TASKS:
+        raise ValueError(f"task must be one of {GRPO_TASKS} (or None: the profile's), got {task!r}")
     if profile.model is None:
         train = world.verifiable_problems(n_train, "train", seed=seed, tasks=tasks)
         return {"train": train, "test": world.verifiable_problems(n_test, "test", seed=seed, tasks=tasks),
@@ -451,7 +459,8 @@ def load_grpo_data(profile, n_train: int = 2000, n_test: int = 200, seed: int = 
                 "reward_fns": [correctness_reward, format_reward], "reward_weights": [1.0, 0.1],
                 "checker": lambda row, c: correctness_reward(None, [c], [row["answer"]])[0] == 1.0,
                 "max_new_tokens": world.MAX_LEN}
-    if english_world(profile, "math"):  # reward: the reply's last number is the sum (reachable from the start)
+    if task == "sums" or (task is None and english_world(profile, "math")):  # reward: the reply's last number
+        # is the sum (reachable from the start)
         return {"train": world.english_sums("train", seed=seed)[:n_train],
                 "test": world.english_sums("test", seed=seed)[:n_test], "sft": None,
                 "reward_fns": [math_correctness_reward], "reward_weights": [1.0],

@@ -2,8 +2,10 @@
 
 ``base``: chapter 00's pretraining, run longer; ``sft``: chapter 04's SFT on tiny-world instructions plus
 greetings answered politely only a fifth of the time (the rudeness is the headroom chapters 06-07 remove);
-``rm``: chapter 05's Bradley–Terry reward model started from ``sft``. ``python -m apt_course build-checkpoints``
-runs :func:`build_all` (about 15 minutes on a quiet 2-core CPU); each folder gets a ``recipe.json`` of what ran.
+``rm``: chapter 05's Bradley–Terry reward model started from ``sft``; ``cai``: chapter 10's helpful-only
+assistant; ``cot``: ``sft`` taught the explicit chain of thought of 2- and 3-digit sums (:data:`COT_RECIPE`;
+its ``recipe.json`` holds its held-out accuracy). ``python -m apt_course build-checkpoints``
+runs :func:`build_all` (about 20 minutes on a quiet 2-core CPU; `cot` 4 of them); each folder gets a ``recipe.json`` of what ran.
 
 ``smol_rm`` (built only when named: ``python -m apt_course build-checkpoints --only smol_rm``, or
 ``python -m apt_course.recipes smol_rm``; about 10 minutes on one CPU thread, and it needs the converted SmolLM2):
@@ -26,6 +28,9 @@ BASE_RECIPE = {"seed": 0, "corpus_size": 20000, "steps": 1500, "batch_size": 64,
 SFT_RECIPE = {"seed": 0, "train_size": 8000, "greetings": 1500, "steps": 800, "batch_size": 64, "lr": 2e-3}
 RM_RECIPE = {"seed": 0, "train_size": 4000, "steps": 300, "batch_size": 32, "lr": 1e-3}
 CAI_RECIPE = {"seed": 0, "mixture_size": 10500, "steps": 800, "batch_size": 32, "lr": 1e-3}  # chapter 10
+# chapters 09 and 12: sft taught to reason on paper, the column-by-column chain of thought of 2- and 3-digit sums
+COT_RECIPE = {"seed": 0, "train_size": 20000, "three_digit_share": 0.75, "steps": 700, "batch_size": 64,
+              "lr": 3e-3, "warmup": 50}
 # chapter 05 on smol: SmolLM2 + LoRA (attention, rank 8) + a scalar head, on every kind of smol_reward_pairs
 SMOL_RM_RECIPE = {"seed": 0, "steps": 240, "batch_size": 8, "lr": 1e-3, "warmup": 10, "lora_rank": 8,
                   "ramble": 0.25, "instruction": 0.5}
@@ -77,14 +82,56 @@ def build(name: str, out: Path) -> Path:
         torch.manual_seed(r["seed"])
         history = train_formats(model, tokenizer, n=r["mixture_size"], seed=r["seed"], steps=r["steps"],
                                 batch_size=r["batch_size"], lr=r["lr"])
+    elif name == "cot":  # sft + explicit chain of thought on 2- and 3-digit sums (chapter 12's start)
+        r = COT_RECIPE
+        model, tokenizer, history = train_cot_model(r)
     else:
         raise ValueError(f"unknown checkpoint {name!r}; the course ships {NAMES + SMOL_NAMES}")
     path = save_model(model, tokenizer, Path(out) / name)
     info = {"name": name, "recipe": r, "final_loss": history["loss"][-1],
             "seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__}
+    if name == "cot":
+        info["heldout_explicit_acc"] = cot_heldout_accuracy(model, tokenizer)
     (path / "recipe.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"built {name} in {info['seconds']} s -> {path}")
     return path
+
+
+def cot_records(recipe: dict, split: str = "train") -> list[dict]:
+    """The ``cot`` checkpoint's training records: ``train_size`` tiny-world sums, ``three_digit_share`` of them
+    with three digits, the rest with two, shuffled."""
+    import random
+
+    from .data import world_to_storm
+    from .world import cot_problems
+
+    n3 = round(recipe["train_size"] * recipe["three_digit_share"])
+    records = world_to_storm(cot_problems(n3, split, seed=recipe["seed"], digits=3)
+                             + cot_problems(recipe["train_size"] - n3, split, seed=recipe["seed"], digits=2))
+    random.Random(recipe["seed"]).shuffle(records)
+    return records
+
+
+def train_cot_model(recipe: dict | None = None):
+    """``sft`` fine-tuned on the explicit chain of thought (:data:`COT_RECIPE`): ``(model, tokenizer, history)``."""
+    from .storm import StormConfig, train_storm
+
+    r = dict(COT_RECIPE, **(recipe or {}))
+    model, tokenizer = load_checkpoint("sft")
+    history = train_storm(model, tokenizer, cot_records(r),
+                          StormConfig(steps=r["steps"], batch_size=r["batch_size"], lr=r["lr"], warmup=r["warmup"],
+                                      seed=r["seed"], cot="explicit", log_every=50))
+    return model, tokenizer, history
+
+
+def cot_heldout_accuracy(model, tokenizer, n: int = 150, seed: int = 1000) -> dict:
+    """Greedy answer accuracy of a chain-of-thought model on ``n`` held-out 2-digit and 3-digit sums."""
+    from .data import world_to_storm
+    from .storm import evaluate_storm
+    from .world import heldout_sums
+
+    return {f"{d}_digit": round(evaluate_storm(model, tokenizer, world_to_storm(heldout_sums(n, seed=seed, digits=d)),
+                                               max_new_tokens=40, perturbations=())["acc"], 3) for d in (2, 3)}
 
 
 def build_smol_rm(out: Path, recipe: dict | None = None) -> Path:

@@ -53,7 +53,7 @@ GUMBEL_VARIANCE = math.pi**2 / 6   # Var[g]
 SCHEDULES = ("cosine", "linear", "constant")
 R0_LEVELS = {"conservative": 0.1, "default": 0.3, "aggressive": 0.5}
 MAX_RATIO = 1.0
-COT_MODES = ("answer", "explicit", "internalise")
+COT_MODES = ("answer", "explicit", "internalise", "internalise_tokens")
 THINK, END_THINK = "<think>", "</think>"
 
 
@@ -208,11 +208,50 @@ def n_curriculum_stages(records: list[dict], n_stages: int | None = None) -> int
     return n_stages or min(8, max(len(r["steps"]) for r in records))
 
 
+def token_staged_completion(record: dict, tokenizer, removed: int) -> str:
+    """Deng et al.'s target: the chain with its first ``removed`` *tokens* dropped (cut at a token boundary of
+    ``tokenizer``), then ``</think>`` and the answer; the answer alone once every token of the chain is gone."""
+    if removed < 0:
+        raise ValueError(f"removed must be >= 0, got {removed}")
+    chain = record.get("step_sep", "\n").join(record["steps"])
+    spans = tokenizer(chain, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    if removed >= len(spans):
+        return record["answer"]
+    return THINK + chain[spans[removed][0]:] + END_THINK + record["answer"]
+
+
+def chain_tokens(record: dict, tokenizer) -> int:
+    """The number of tokens of ``record``'s chain of thought (what :func:`token_staged_completion` removes from)."""
+    return len(tokenizer(record.get("step_sep", "\n").join(record["steps"]), add_special_tokens=False)["input_ids"])
+
+
+def token_stage(t: float, n_stages: int, removal_end: float) -> int:
+    """Deng et al.'s removal at a constant rate: the stage at progress ``t`` when the ``n_stages``-th (the last
+    token gone) is reached at ``removal_end``: ``min(n_stages, ⌊n_stages · t / removal_end⌋)``."""
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"training progress t must lie in [0, 1], got {t!r}")
+    return min(n_stages, int(n_stages * t / removal_end))
+
+
+def removal_offset(rng: random.Random, smoothing: float) -> int:
+    """Deng et al.'s *removal smoothing*: a random extra number of tokens to remove, ``P(o) ∝ exp(-λ o)`` for
+    ``o = 0, 1, 2, ...`` (λ = ``smoothing``; they use 4, so o = 0 about 98 % of the time); 0 when λ is 0 (off).
+    Sampled by the inverse CDF of that geometric law: ``o = ⌊-ln(u) / λ⌋``."""
+    if smoothing < 0:
+        raise ValueError(f"removal smoothing λ must be >= 0 (0 = off; Deng et al. use 4), got {smoothing!r}")
+    if smoothing == 0:
+        return 0
+    return int(-math.log(1.0 - rng.random()) / smoothing)
+
+
 def storm_target(record: dict, cot: str, stage: int, n_stages: int) -> str:
     """What ``record`` trains on at curriculum ``stage``: the answer alone (``cot="answer"``), else its chain with
     the first :func:`removed_steps` steps dropped (:func:`staged_completion`; stage 0 keeps them all)."""
     if cot == "answer":
         return record["answer"]
+    if cot == "internalise_tokens":
+        raise ValueError("cot='internalise_tokens' removes tokens, so it needs the tokenizer: use "
+                         "token_staged_completion(record, tokenizer, removed), as train_storm does")
     return staged_completion(record, removed_steps(len(record["steps"]), stage, n_stages))
 
 
@@ -225,10 +264,14 @@ class StormConfig:
     steps: optimiser steps; batch_size: examples per step; lr: peak learning rate (warm-up ``warmup`` steps,
     cosine decay to 10 %); seed: the order of the examples, the noise and the initial state of any new weights.
 
-    cot: what is trained — ``"explicit"`` (``<think>steps</think>answer``), ``"answer"`` (the answer alone) or
-    ``"internalise"`` (stepwise: stage 0 trains the full chain, each later stage drops more steps from the
-    front, the last trains the answer alone; stages share training equally). n_stages: curriculum stages
-    (None: the longest chain's number of steps, at most 8).
+    cot: what is trained — ``"explicit"`` (``<think>steps</think>answer``), ``"answer"`` (the answer alone),
+    ``"internalise"`` (the course's step variant: stage 0 trains the full chain, each later stage drops a share
+    of each chain's *steps* from the front, the last trains the answer alone; stages share training equally) or
+    ``"internalise_tokens"`` (Deng et al. 2024 as written: stage s drops ``s · tokens_per_stage`` *tokens* from
+    the front of every chain, plus a :func:`removal_offset` drawn with ``removal_smoothing`` λ; the stages run at
+    a constant rate until the longest chain is gone at progress ``removal_end``, and the rest of training is
+    on answers alone, as their runs go on after the last token is removed). n_stages: the step variant's
+    stages (None: the longest chain's number of steps, at most 8).
 
     r0: storm noise, the Gumbel ratio at its peak, in [0, 1] (0 = none; APT presets 0.1 / 0.3 / 0.5);
     schedule: its shape over training, ``"cosine"``, ``"linear"`` or ``"constant"`` (see :func:`noise_ratio`).
@@ -248,6 +291,9 @@ class StormConfig:
     schedule: str = "cosine"
     neftune_alpha: float = 0.0
     max_length: int | None = 1024
+    tokens_per_stage: int = 4
+    removal_smoothing: float = 4.0
+    removal_end: float = 0.5
 
     def __post_init__(self):
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -258,6 +304,13 @@ class StormConfig:
             raise ValueError(f"cot must be one of {COT_MODES}, got {self.cot!r}")
         if self.n_stages is not None and (not isinstance(self.n_stages, int) or self.n_stages < 1):
             raise ValueError(f"n_stages must be a positive integer or None, got {self.n_stages!r}")
+        if not isinstance(self.tokens_per_stage, int) or self.tokens_per_stage < 1:
+            raise ValueError(f"tokens_per_stage must be a positive integer, got {self.tokens_per_stage!r}")
+        if not 0 < self.removal_end <= 1:
+            raise ValueError(f"removal_end (the training progress by which the chain is gone) must lie in (0, 1], "
+                             f"got {self.removal_end!r}")
+        if not self.removal_smoothing >= 0:
+            raise ValueError(f"removal_smoothing must be >= 0 (0 = off), got {self.removal_smoothing!r}")
         check_ratio(self.r0)
         check_schedule(self.schedule)
         if isinstance(self.neftune_alpha, bool) or not isinstance(self.neftune_alpha, (int, float)) \
@@ -278,7 +331,10 @@ def train_storm(model, tokenizer, records: list[dict], config: StormConfig = Sto
     device = next(model.parameters()).device
     prompts = [format_prompt(tokenizer, r["problem"]) for r in records]
     n_stages = n_curriculum_stages(records, config.n_stages)
+    if config.cot == "internalise_tokens":  # enough stages to remove the longest chain, then answers alone
+        n_stages = math.ceil(max(chain_tokens(r, tokenizer) for r in records) / config.tokens_per_stage)
     rng = random.Random(config.seed)
+    smoothing_rng = random.Random(f"smoothing:{config.seed}")
     torch.manual_seed(config.seed)
     noise_gen = torch.Generator(device=device).manual_seed(config.seed)
     opt, sched = make_optimizer(model, config.lr, config.steps, config.warmup, config.weight_decay)
@@ -292,8 +348,15 @@ def train_storm(model, tokenizer, records: list[dict], config: StormConfig = Sto
             t = step / max(1, config.steps - 1)
             ratio = noise_ratio(t, config.r0, config.schedule)
             stage = curriculum_stage(t, n_stages) if config.cot == "internalise" else 0
+            if config.cot == "internalise_tokens":
+                stage = token_stage(t, n_stages, config.removal_end)
             idx = rng.sample(range(len(records)), min(config.batch_size, len(records)))
-            targets = [storm_target(records[i], config.cot, stage, n_stages) for i in idx]
+            if config.cot == "internalise_tokens":
+                targets = [token_staged_completion(records[i], tokenizer, stage * config.tokens_per_stage
+                                                   + removal_offset(smoothing_rng, config.removal_smoothing))
+                           for i in idx]
+            else:
+                targets = [storm_target(records[i], config.cot, stage, n_stages) for i in idx]
             batch = build_batch(tokenizer, [prompts[i] for i in idx], targets, device=device,
                                 max_length=config.max_length)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -375,9 +438,10 @@ def compare_conditions(start_model, tokenizer, train: list[dict], test: list[dic
 # ---------------------------------------------------------------- the chapter's experiment
 
 def cot_conditions(base: StormConfig) -> dict:
-    """Three ways to train the same budget: the answer alone, the explicit chain, the stepwise-internalised chain."""
-    return {"answer_only": replace(base, cot="answer"), "explicit_cot": replace(base, cot="explicit"),
-            "internalised": replace(base, cot="internalise")}
+    """Three ways to spend the same budget on a model that reasons on paper: train the answer alone; internalise
+    the chain by steps (the course's adaptation); internalise it by tokens (Deng et al. 2024)."""
+    return {"answer_only": replace(base, cot="answer"), "internalised_steps": replace(base, cot="internalise"),
+            "internalised_tokens": replace(base, cot="internalise_tokens")}
 
 
 def noise_conditions(base: StormConfig, r0: float = R0_LEVELS["default"], neftune_alpha: float = 5.0,
@@ -398,51 +462,52 @@ def noise_conditions(base: StormConfig, r0: float = R0_LEVELS["default"], neftun
 
 @dataclass
 class StudyConfig:
-    """The chapter's experiment (the notebook runs it at one seed, ``benchmarks/storm_sweep.py`` at several).
+    """The chapter's experiment (the notebook runs it at one seed, ``benchmarks/storm_sweep.py`` at several),
+    on ``digits``-digit held-out sums, from the shipped checkpoint ``start`` (``cot``: it writes the chain and
+    gets nearly every sum right, so both parts start from competence).
 
-    Part 1, *how to train the reasoning* (from the shipped SFT checkpoint, ``cot_steps`` steps each):
-    answer-only, explicit CoT, stepwise-internalised CoT. Part 2, *the storm stage* (from part 1's explicit-CoT
-    model, ``storm_steps`` more steps each at ``storm_lr`` after ``storm_warmup`` warm-up steps, on the explicit
-    chain): no noise, storm noise
-    under each schedule, the r0 levels, NEFTune. n_train / n_test: train records and held-out sums.
+    Part 1, *taking the written chain away* (``cot_steps`` steps each at ``lr``): answer-only training,
+    step-internalisation, token-internalisation. Part 2, *the storm stage* (``storm_steps`` steps each at
+    ``storm_lr`` after ``storm_warmup`` warm-up steps, on the explicit chain): no noise, storm noise under each
+    schedule, the r0 levels, NEFTune. n_train / n_test: train records and held-out sums.
     """
 
-    cot_steps: int = 90
+    cot_steps: int = 60
     storm_steps: int = 16
     batch_size: int = 32
     lr: float = 3e-3
     storm_lr: float = 1e-3
     storm_warmup: int = 4
     n_train: int = 4000
-    n_test: int = 150
-    digits: int = 2
+    n_test: int = 120
+    digits: int = 3
+    start: str = "cot"
     r0: float = R0_LEVELS["default"]
     neftune_alpha: float = 5.0
     full_grid: bool = False
-    max_new_tokens: int = 24
+    max_new_tokens: int = 32
     temperature: float = 1.0
 
 
 def run_study(seed: int, study: StudyConfig = StudyConfig(), start=None) -> dict:
-    """Both parts of the experiment at one seed: ``{"cot": compare_conditions(...), "storm": ...}``.
+    """Both parts of the experiment at one seed: ``{"start": evaluate_storm(start model), "cot":
+    compare_conditions(...), "storm": ...}``, every part from the same start.
 
-    ``start``: ``(model, tokenizer)`` to begin from (default: the shipped SFT checkpoint)."""
+    ``start``: ``(model, tokenizer)`` to begin from (default: the shipped checkpoint ``study.start``)."""
     from .checkpoints import load_checkpoint
 
-    model, tokenizer = start if start is not None else load_checkpoint("sft")
+    model, tokenizer = start if start is not None else load_checkpoint(study.start)
     train, test = load_storm_data("tiny", n_train=study.n_train, n_test=study.n_test, seed=seed, digits=study.digits)
     eval_kwargs = {"max_new_tokens": study.max_new_tokens, "temperature": study.temperature, "seed": seed}
+    start_figures = evaluate_storm(model, tokenizer, test, **eval_kwargs)
     base = StormConfig(steps=study.cot_steps, batch_size=study.batch_size, lr=study.lr, seed=seed)
-    cot = compare_conditions(model, tokenizer, train, test, cot_conditions(base), eval_kwargs, keep_models=True)
+    cot = compare_conditions(model, tokenizer, train, test, cot_conditions(base), eval_kwargs)
     storm_base = StormConfig(steps=study.storm_steps, batch_size=study.batch_size, lr=study.storm_lr,
                              warmup=study.storm_warmup, cot="explicit", seed=seed)
-    storm = compare_conditions(cot["explicit_cot"]["model"], tokenizer, train, test,
+    storm = compare_conditions(model, tokenizer, train, test,
                                noise_conditions(storm_base, study.r0, study.neftune_alpha, study.full_grid),
                                eval_kwargs)
-    for part in (cot, storm):
-        for result in part.values():
-            result.pop("model", None)
-    return {"cot": cot, "storm": storm}
+    return {"start": start_figures, "cot": cot, "storm": storm}
 
 
 # ---------------------------------------------------------------- a real model (the notebook's PROFILE != "tiny")

@@ -67,3 +67,20 @@ def test_a_real_model_without_datasets_runs_the_english_sums():
     assert grpo["checker"](row, f"{row['a']} + {row['b']} = {row['answer']}")  # the last number is the sum
     assert not grpo["checker"](row, f"{row['a']} + {row['b']} = {int(row['answer']) + 1}")
     assert grpo["reward_fns"][0](None, [row["answer"]], [row["answer"]]) == [1.0]
+
+
+def test_grpo_task_chooses_sums_or_the_math_dataset_on_a_real_model():
+    """Chapter 09's TASK: English sums on any real profile (the gpu one names GSM8K, which a 135M model cannot
+    learn from), the math dataset on request; an unknown task is named."""
+    import pytest
+
+    from apt_course import data
+    from apt_course.profiles import get_profile
+
+    gpu = get_profile("gpu", resolve=False)
+    sums = data.load_grpo_data(gpu, n_train=6, n_test=3, task="sums")
+    assert len(sums["train"]) == 6 and sums["train"][0]["task"] == "add_en" and sums["sft"] is None
+    with pytest.raises(ValueError, match="task must be one of"):
+        data.load_grpo_data(gpu, n_train=6, n_test=3, task="gsm9k")
+    with pytest.raises(ValueError, match="task must be one of"):
+        data.load_grpo_data("tiny", n_train=6, n_test=3, task="sum")

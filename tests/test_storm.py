@@ -25,6 +25,7 @@ from apt_course.storm import (
     StormConfig,
     activate_neftune,
     add_gumbel_noise,
+    chain_tokens,
     completion_nll,
     curriculum_stage,
     evaluate_storm,
@@ -35,9 +36,13 @@ from apt_course.storm import (
     noise_conditions,
     noise_ratio,
     noisy_completion_loss,
+    removal_offset,
     removed_steps,
     run_real_profile,
     staged_completion,
+    storm_target,
+    token_stage,
+    token_staged_completion,
     train_storm,
 )
 from apt_course.world import perturb_prompt  # noqa: E402
@@ -199,6 +204,47 @@ def test_curriculum_removes_steps_stage_by_stage():
         removed_steps(4, 5, 4)
 
 
+def test_token_internalisation_removes_tokens_as_deng_et_al(tok):
+    rec = storm_record("add 37 24", ["7+4=11", "3+2+1=6"], "61", "tiny-world", ";")
+    assert chain_tokens(rec, tok) == len("7+4=11;3+2+1=6")  # the tiny tokenizer: a token per character
+    assert token_staged_completion(rec, tok, 0) == explicit_completion(rec)
+    assert token_staged_completion(rec, tok, 3) == "<think>=11;3+2+1=6</think>61"
+    assert token_staged_completion(rec, tok, 14) == token_staged_completion(rec, tok, 99) == "61"
+    # the stage runs at a constant rate and reaches the last (chain gone) at removal_end, then stays there
+    assert [token_stage(t, 4, 0.5) for t in (0.0, 0.12, 0.13, 0.25, 0.49, 0.5, 1.0)] == [0, 0, 1, 2, 3, 4, 4]
+    with pytest.raises(ValueError):
+        token_staged_completion(rec, tok, -1)
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        storm_target(rec, "internalise_tokens", 1, 4)
+
+
+def test_removal_smoothing_follows_its_law():
+    """P(o) ∝ exp(-λ o): a geometric law with P(0) = 1 - e^(-λ) and mean 1 / (e^λ - 1)."""
+    import random
+
+    for lam in (0.5, 4.0):
+        rng = random.Random(0)
+        draws = [removal_offset(rng, lam) for _ in range(40000)]
+        assert min(draws) == 0
+        assert abs(draws.count(0) / len(draws) - (1 - math.exp(-lam))) < 0.01
+        assert abs(sum(draws) / len(draws) - 1 / (math.exp(lam) - 1)) < 0.03
+    assert removal_offset(random.Random(0), 0.0) == 0
+    with pytest.raises(ValueError):
+        removal_offset(random.Random(0), -1.0)
+    with pytest.raises(ValueError, match="removal_end"):
+        StormConfig(cot="internalise_tokens", removal_end=0)
+
+
+def test_the_cot_checkpoint_reasons_on_paper():
+    """The shipped ``cot`` checkpoint writes its chain and gets at least 90 % of held-out 3-digit sums right."""
+    from apt_course.checkpoints import load_checkpoint
+    from apt_course.recipes import cot_heldout_accuracy
+
+    model, tok = load_checkpoint("cot")
+    acc = cot_heldout_accuracy(model, tok, n=100)
+    assert acc["3_digit"] >= 0.9 and acc["2_digit"] >= 0.9, acc
+
+
 def test_world_records_match_the_world_format():
     probs = world.cot_problems(5, "train", seed=0)
     recs = world_to_storm(probs)
@@ -250,6 +296,18 @@ def test_internalise_walks_through_the_stages_and_neftune_runs(tiny_path):
     assert h["stage"] == sorted(h["stage"]) and h["stage"][0] == 0 and h["stage"][-1] == 2
     assert h["ratio"] == [0.5] * 9
     assert not model.get_input_embeddings()._forward_hooks, "the NEFTune hook is removed after training"
+
+
+def test_token_internalisation_trains_through_its_stages(tiny_path):
+    from apt_course.model import load_pretrained
+
+    model, tok = load_pretrained(tiny_path)
+    train = world_to_storm(world.cot_problems(64, "train", seed=0))
+    h = train_storm(model, tok, train, StormConfig(steps=10, batch_size=4, cot="internalise_tokens", log_every=1,
+                                                   tokens_per_stage=8, removal_end=0.5))
+    n_stages = math.ceil(max(chain_tokens(r, tok) for r in train) / 8)
+    assert h["stage"] == sorted(h["stage"]) and h["stage"][0] == 0 and h["stage"][-1] == n_stages
+    assert h["stage"].index(n_stages) <= 5, "the chain is gone by half-way (removal_end 0.5)"
 
 
 def test_noise_conditions_cover_schedules_levels_and_neftune():
@@ -333,6 +391,9 @@ def test_sweep_quick_mode_runs(tmp_path):
                           str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     record = json.loads((tmp_path / "storm_sweep.json").read_text())
-    assert set(record["summary"]["cot"]) == {"answer_only", "explicit_cot", "internalised"}
+    assert set(record["summary"]["cot"]) == {"answer_only", "internalised_steps", "internalised_tokens"}
+    assert set(record["summary"]["start"]) >= {"acc", "tokens_per_answer"}
+    entry = record["claims"]["noise_vs_noise_free"]["storm_cosine"]["acc"]
+    assert entry["verdict"] in ("better", "worse", "no difference detected")
     assert "noise_free" in record["summary"]["storm"] and "neftune" in record["summary"]["storm"]
     assert "## Claims, seed by seed" in (tmp_path / "storm_sweep.md").read_text()
