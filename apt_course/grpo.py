@@ -359,17 +359,34 @@ def greedy_accuracy(model, tokenizer, rows: list[dict], checker, max_new_tokens:
     return sum(bool(checker(r, o)) for r, o in zip(rows, outs)) / len(rows)
 
 
-def pass_at_k(model, tokenizer, examples: list[dict], k: int, checker, temperature: float = 1.0,
-              max_new_tokens: int = 12, seed: int = 0) -> tuple[float, float]:
-    """``(mean accuracy of a sample, pass@k)``: k samples per prompt at ``temperature``; pass@k is the
-    fraction of prompts with at least one correct sample. A large gap between the two is what GRPO turns
-    into greedy accuracy: the right answer is already in the model's samples, just not on top."""
+def sample_hits(model, tokenizer, examples: list[dict], n: int, checker, temperature: float = 1.0,
+                max_new_tokens: int = 12, seed: int = 0) -> torch.Tensor:
+    """``(len(examples), n)`` 0/1 tensor: which of ``n`` samples per prompt at ``temperature`` the checker accepts."""
     if not examples:
         raise ValueError("no examples to sample")
     rows = prompt_rows(examples)
     torch.manual_seed(seed)
     outs = generate(model, tokenizer, format_prompts(tokenizer, rows), max_new_tokens=max_new_tokens, do_sample=True,
-                    temperature=temperature, num_return_sequences=k)
-    hits = torch.tensor([checker(ex, outs[i * k + j]) for i, ex in enumerate(examples) for j in range(k)],
-                        dtype=torch.float32).view(-1, k)
+                    temperature=temperature, num_return_sequences=n)
+    return torch.tensor([checker(ex, outs[i * n + j]) for i, ex in enumerate(examples) for j in range(n)],
+                        dtype=torch.float32).view(-1, n)
+
+
+def unbiased_pass_at_k(hits: torch.Tensor, k: int) -> float:
+    """Chen et al. (2021)'s unbiased pass@k from ``n`` samples per prompt, ``c`` of them correct:
+    ``pass@k = mean over prompts of 1 - C(n - c, k) / C(n, k)`` (the chance that k of the n samples, drawn without
+    replacement, hold at least one correct one); ``k <= n``."""
+    n = hits.shape[1]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must lie in 1..{n} (the samples per prompt), got {k}")
+    c = hits.sum(1).long().tolist()
+    return sum(1.0 - (math.comb(n - ci, k) / math.comb(n, k)) for ci in c) / len(c)
+
+
+def pass_at_k(model, tokenizer, examples: list[dict], k: int, checker, temperature: float = 1.0,
+              max_new_tokens: int = 12, seed: int = 0) -> tuple[float, float]:
+    """``(mean accuracy of a sample, pass@k)``: k samples per prompt at ``temperature``; pass@k is the
+    fraction of prompts with at least one correct sample. A large gap between the two is what GRPO turns
+    into greedy accuracy: the right answer is already in the model's samples, just not on top."""
+    hits = sample_hits(model, tokenizer, examples, k, checker, temperature, max_new_tokens, seed)
     return hits.mean().item(), hits.any(1).float().mean().item()

@@ -284,3 +284,22 @@ def test_gpu_path_on_a_locally_saved_model(tiny_path, monkeypatch):
     history = train_grpo(model, None, tokenizer, data["train"], data["reward_fns"],
                          GRPOConfig(steps=1, prompts_per_step=2, group_size=2, max_new_tokens=4))
     assert len(history["reward_mean"]) == 1
+
+
+def test_unbiased_pass_at_k_equals_its_definition():
+    """Chen et al.'s estimator = the share of k-subsets of the n samples that hold a correct one, averaged."""
+    import itertools
+
+    from apt_course.grpo import unbiased_pass_at_k
+
+    hits = torch.tensor([[1, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]],
+                        dtype=torch.float32)
+    n = hits.shape[1]
+    for k in range(1, n + 1):
+        brute = sum(sum(any(row[list(s)]) for s in itertools.combinations(range(n), k))
+                    / math.comb(n, k) for row in hits.bool())
+        assert unbiased_pass_at_k(hits, k) == pytest.approx(brute / len(hits))
+    assert unbiased_pass_at_k(hits, 1) == pytest.approx(hits.mean().item())  # pass@1 is a sample's accuracy
+    assert unbiased_pass_at_k(hits, n) == pytest.approx(hits.any(1).float().mean().item())
+    with pytest.raises(ValueError, match="k must lie in"):
+        unbiased_pass_at_k(hits, n + 1)
