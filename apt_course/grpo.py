@@ -389,4 +389,4 @@ def pass_at_k(model, tokenizer, examples: list[dict], k: int, checker, temperatu
     fraction of prompts with at least one correct sample. A large gap between the two is what GRPO turns
     into greedy accuracy: the right answer is already in the model's samples, just not on top."""
     hits = sample_hits(model, tokenizer, examples, k, checker, temperature, max_new_tokens, seed)
-    return hits.mean().item(), hits.any(1).float().mean().item()
+    return hits.mean().item(), unbiased_pass_at_k(hits, k)  # with n = k samples: the share of prompts with a hit

@@ -208,12 +208,17 @@ def n_curriculum_stages(records: list[dict], n_stages: int | None = None) -> int
     return n_stages or min(8, max(len(r["steps"]) for r in records))
 
 
+def _chain(record: dict) -> str:
+    """The record's whole chain of thought, its steps joined as :func:`staged_completion` joins them."""
+    return record.get("step_sep", "\n").join(record["steps"])
+
+
 def token_staged_completion(record: dict, tokenizer, removed: int) -> str:
     """Deng et al.'s target: the chain with its first ``removed`` *tokens* dropped (cut at a token boundary of
     ``tokenizer``), then ``</think>`` and the answer; the answer alone once every token of the chain is gone."""
     if removed < 0:
         raise ValueError(f"removed must be >= 0, got {removed}")
-    chain = record.get("step_sep", "\n").join(record["steps"])
+    chain = _chain(record)
     spans = tokenizer(chain, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     if removed >= len(spans):
         return record["answer"]
@@ -222,7 +227,7 @@ def token_staged_completion(record: dict, tokenizer, removed: int) -> str:
 
 def chain_tokens(record: dict, tokenizer) -> int:
     """The number of tokens of ``record``'s chain of thought (what :func:`token_staged_completion` removes from)."""
-    return len(tokenizer(record.get("step_sep", "\n").join(record["steps"]), add_special_tokens=False)["input_ids"])
+    return len(tokenizer(_chain(record), add_special_tokens=False)["input_ids"])
 
 
 def token_stage(t: float, n_stages: int, removal_end: float) -> int:
@@ -347,15 +352,14 @@ def train_storm(model, tokenizer, records: list[dict], config: StormConfig = Sto
         for step in progress(range(config.steps), f"storm ({config.cot})"):
             t = step / max(1, config.steps - 1)
             ratio = noise_ratio(t, config.r0, config.schedule)
-            stage = curriculum_stage(t, n_stages) if config.cot == "internalise" else 0
-            if config.cot == "internalise_tokens":
-                stage = token_stage(t, n_stages, config.removal_end)
             idx = rng.sample(range(len(records)), min(config.batch_size, len(records)))
             if config.cot == "internalise_tokens":
+                stage = token_stage(t, n_stages, config.removal_end)
                 targets = [token_staged_completion(records[i], tokenizer, stage * config.tokens_per_stage
                                                    + removal_offset(smoothing_rng, config.removal_smoothing))
                            for i in idx]
             else:
+                stage = curriculum_stage(t, n_stages) if config.cot == "internalise" else 0
                 targets = [storm_target(records[i], config.cot, stage, n_stages) for i in idx]
             batch = build_batch(tokenizer, [prompts[i] for i in idx], targets, device=device,
                                 max_length=config.max_length)
