@@ -349,6 +349,76 @@ def train_grpo(model, ref_model, tokenizer, prompts, reward_fns, config: GRPOCon
     return history
 
 
+# ---------------------------------------------------------------- the baseline: expert iteration
+
+@dataclass
+class ExpertIterationConfig:
+    """Settings of :func:`expert_iteration`. rounds: sample-filter-fine-tune rounds; prompts_per_round and
+    group_size: the samples of a round (rounds × prompts_per_round × group_size = GRPO's steps ×
+    prompts_per_step × group_size for an equal sampling budget); threshold: the total reward a sample needs to be
+    kept; sft_steps, batch_size, lr, warmup: each round's fine-tune (chapter 04's ``train_sft``)."""
+
+    rounds: int = 2
+    prompts_per_round: int = 160
+    group_size: int = 8
+    threshold: float = 1.0
+    sft_steps: int = 10
+    batch_size: int = 32
+    lr: float = 1e-4
+    warmup: int = 0
+    temperature: float = 1.0
+    max_new_tokens: int = 12
+    reward_weights: list[float] | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("rounds", "prompts_per_round", "group_size", "sft_steps", "batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def expert_iteration(model, tokenizer, prompts, reward_fns, config: ExpertIterationConfig = ExpertIterationConfig()
+                     ) -> dict:
+    """Expert iteration, or rejection-sampling fine-tuning (Anthony et al. 2017; STaR, Zelikman et al. 2022): each
+    round samples G completions per prompt from the current model, keeps those whose reward reaches the threshold
+    τ, and fine-tunes on them with chapter 04's SFT loss,
+
+        θ ← θ - η ∇_θ [ -(1/|K|) Σ_{(q, o) ∈ K} log π_θ(o | q) ],   K = {(q, o_i) : r(q, o_i) ≥ τ}.
+
+    GRPO's samples with the wrong ones thrown away instead of pushed down: the baseline that tells whether RL's
+    negative advantages earn their keep. Returns ``{"round", "samples", "kept", "reward_mean", "loss"}`` per round.
+    """
+    from .sft import SFTConfig, train_sft  # chapter 04's trainer: expert iteration is SFT on filtered samples
+
+    rows = prompt_rows(prompts)
+    columns = [k for k in rows[0] if k != "prompt"]
+    fns = [f for _, f in check_reward_functions(reward_fns, columns)]
+    texts = format_prompts(tokenizer, rows)
+    rng = random.Random(config.seed)
+    torch.manual_seed(config.seed)
+    G = config.group_size
+    history = {"round": [], "samples": [], "kept": [], "reward_mean": [], "loss": []}
+    for r in range(config.rounds):
+        idx = rng.sample(range(len(rows)), min(config.prompts_per_round, len(rows)))
+        batch = sample_groups(model, tokenizer, [texts[i] for i in idx], G, config.max_new_tokens, config.temperature)
+        group_rows = [rows[i] for i in idx for _ in range(G)]
+        total, _ = score_completions(fns, [g["prompt"] for g in group_rows], batch["texts"],
+                                     {c: [g[c] for g in group_rows] for c in columns}, config.reward_weights)
+        keep = [{"prompt": g["prompt"], "completion": t, **({"system": g["system"]} if g.get("system") else {})}
+                for g, t, x in zip(group_rows, batch["texts"], total.tolist()) if x >= config.threshold and t.strip()]
+        loss = float("nan")
+        if keep:  # a round with no sample good enough leaves the model as it was
+            h = train_sft(model, tokenizer, keep, SFTConfig(steps=config.sft_steps, batch_size=config.batch_size,
+                                                            lr=config.lr, warmup=config.warmup, seed=config.seed + r))
+            loss = h["loss"][-1]
+        history["round"].append(r)
+        history["samples"].append(len(group_rows))
+        history["kept"].append(len(keep))
+        history["reward_mean"].append(torch.nanmean(total).item())
+        history["loss"].append(loss)
+    return history
+
+
 # ---------------------------------------------------------------- measuring
 
 def greedy_accuracy(model, tokenizer, rows: list[dict], checker, max_new_tokens: int = 12) -> float:

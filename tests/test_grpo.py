@@ -9,9 +9,11 @@ import torch
 
 from apt_course import data, rewards, world
 from apt_course.grpo import (
+    ExpertIterationConfig,
     GRPOConfig,
     RewardFunctionError,
     check_reward_functions,
+    expert_iteration,
     group_advantages,
     grpo_loss,
     kl_k3,
@@ -303,3 +305,55 @@ def test_unbiased_pass_at_k_equals_its_definition():
     assert unbiased_pass_at_k(hits, n) == pytest.approx(hits.any(1).float().mean().item())
     with pytest.raises(ValueError, match="k must lie in"):
         unbiased_pass_at_k(hits, n + 1)
+
+
+# ---------------------------------------------------------------- expert iteration (the baseline)
+
+def test_expert_iteration_fine_tunes_on_exactly_the_samples_that_reach_the_threshold(tok, monkeypatch):
+    """Each round's SFT data is the round's samples whose total reward is >= τ, nothing else, with their prompts;
+    a round where nothing reaches τ trains nothing (the weights stay as they were)."""
+    import apt_course.sft as sft
+
+    seen = []
+    real_train_sft = sft.train_sft
+    monkeypatch.setattr(sft, "train_sft", lambda m, t, ex, cfg: seen.append(ex) or real_train_sft(m, t, ex, cfg))
+
+    def has_digit(prompts, completions, **kwargs):
+        return [float(any(ch.isdigit() for ch in c)) for c in completions]
+
+    torch.set_num_threads(1)
+    model = make_tiny_model(tok, seed=0)
+    prompts = [{"prompt": "add 1 2", "answer": "3"}, {"prompt": "sort 321", "answer": "123"}]
+    config = ExpertIterationConfig(rounds=3, prompts_per_round=2, group_size=8, sft_steps=2, batch_size=4, lr=1e-3,
+                                   max_new_tokens=4, seed=0)
+    history = expert_iteration(model, tok, prompts, [has_digit], config)
+    assert history["samples"] == [16, 16, 16] and seen, history
+    assert [k for k in history["kept"] if k] == [len(ex) for ex in seen], (history["kept"], [len(e) for e in seen])
+    for examples in seen:
+        assert examples and all(any(ch.isdigit() for ch in ex["completion"]) for ex in examples)
+        assert {ex["prompt"] for ex in examples} <= {"add 1 2", "sort 321"}
+
+    never = make_tiny_model(tok, seed=0)
+    before = [p.detach().clone() for p in never.parameters()]
+    h = expert_iteration(never, tok, prompts, [lambda prompts, completions, **kw: [0.0] * len(completions)], config)
+    assert h["kept"] == [0, 0, 0] and all(math.isnan(x) for x in h["loss"])
+    assert all(torch.equal(a, b) for a, b in zip(before, never.parameters()))
+
+
+def test_expert_iteration_raises_the_reward_it_filters_on(tok):
+    """Filtering on "the completion holds a digit" and fine-tuning on the survivors makes digits more likely."""
+    def has_digit(prompts, completions, **kwargs):
+        return [float(any(ch.isdigit() for ch in c)) for c in completions]
+
+    torch.set_num_threads(1)
+    model = make_tiny_model(tok, seed=0)
+    config = ExpertIterationConfig(rounds=4, prompts_per_round=4, group_size=8, sft_steps=6, batch_size=8, lr=3e-3,
+                                   max_new_tokens=4, seed=0)
+    history = expert_iteration(model, tok, ["add 1 2", "sort 321", "copy ab", "reverse abc"], [has_digit], config)
+    assert history["reward_mean"][-1] > history["reward_mean"][0] + 0.15, history["reward_mean"]
+
+
+@pytest.mark.parametrize("field", ["rounds", "prompts_per_round", "group_size", "sft_steps", "batch_size"])
+def test_expert_iteration_settings_below_one_are_refused(field):
+    with pytest.raises(ValueError, match=field):
+        ExpertIterationConfig(**{field: 0})
