@@ -280,3 +280,15 @@ def test_the_kl_regularised_optimum_is_dpos_closed_form():
         pi = torch.softmax(torch.randn(6, generator=g, dtype=torch.float64), 0)
         assert objective(pi) < objective(opt)
         assert torch.allclose(objective(opt) - objective(pi), beta * (pi * (pi / opt).log()).sum())
+
+
+def test_ranking_accuracy_on_known_scores():
+    """Three pairs scored once, ranked three ways: by log-probability, per token, and by the implicit reward
+    against a reference; the same as implicit_reward_accuracy computes from the models."""
+    scores = (torch.tensor([-4.0, -9.0, -3.0]), torch.tensor([-6.0, -8.0, -6.0]),  # chosen, rejected
+              torch.tensor([2.0, 3.0, 1.0]), torch.tensor([4.0, 2.0, 2.0]))        # their token counts
+    ref = (torch.tensor([-5.0, -12.0, -2.0]), torch.tensor([-5.0, -9.0, -7.0]), None, None)
+    assert dpo.ranking_accuracy(scores) == pytest.approx(2 / 3)  # -4 > -6, -9 < -8, -3 > -6
+    assert dpo.ranking_accuracy(scores, normalize=True) == pytest.approx(1 / 3)  # -2 < -1.5, -3 > -4, -3 = -3 (a tie is no win)
+    # implicit reward: (c - c_ref) vs (r - r_ref): 1 > -1, 3 > 1, -1 < 1
+    assert dpo.ranking_accuracy(scores, ref_scores=ref) == pytest.approx(2 / 3)
