@@ -85,20 +85,3 @@ def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("apt_datasets")
     assert main(["prepare", "--tiny", "--max-samples", "60", "--output-dir", str(out)]) == 0
     return out
-
-
-# CI runs two workers, each taking a contiguous half of the collected tests and stealing from the other when it runs
-# dry. A long test collected late starts late and ends alone: the smol capstone (15 minutes on a CPU without bf16)
-# ran by itself for the last 13 of CI's 57 minutes (2026-12-07). So the real-model notebooks are moved to the front,
-# longest first (their CI durations that day), and the short tests fill in around them; everything else keeps its order.
-LONGEST_FIRST = ("ch13", "ch09", "ch05", "ch06", "ch08", "ch04", "ch14", "ch07", "ch15")
-
-
-def pytest_collection_modifyitems(config, items):
-    def rank(item):
-        if "test_notebook_on_the_real_smollm2[" not in item.nodeid:
-            return len(LONGEST_FIRST) + 1
-        chapter = item.nodeid.split("[", 1)[1][:4]
-        return LONGEST_FIRST.index(chapter) if chapter in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)  # stable: ties keep the collected order
