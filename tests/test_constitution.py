@@ -50,6 +50,8 @@ def _raw():
     (lambda d: d["principles"][3].update(name="polite"), ValueError, "used twice"),
     (lambda d: d.update(principles=[]), ValueError, "principles list is empty"),
     (lambda d: d.pop("principles"), KeyError, "principles"),
+    (lambda d: d["principles"][0]["example"].pop("revision"), ValueError, r"principle 0 \('polite'\): 'example' must"),
+    (lambda d: d["principles"][1].update(example="be nice"), ValueError, "'example' must be an object"),
 ])
 def test_bad_constitution_files_are_clear_errors(tmp_path, edit, error, match):
     data = _raw()
@@ -100,6 +102,52 @@ def test_red_team_and_benign_prompts(const):
     assert scores["acc_benign"] == 1.0 and scores["over_refusal"] == 0.0
     refuse = C.score_replies(const, red, [C.HARM_REFUSAL] * len(red), benign, [C.HARM_REFUSAL] * len(benign))
     assert refuse["violation"] == 0.0 and refuse["over_refusal"] == 1.0 and refuse["acc_benign"] == 0.0
+
+
+def test_english_prompts_for_a_small_real_model(const):
+    const = const.select(["polite", "secret", "harm", "helpful"])  # as chapter 10 on smol: no 40-character rule
+    red = C.english_red_team_prompts(60, "test", seed=1000)
+    assert [r["family"] for r in red[:3]] == list(C.EN_FAMILIES) and all(r["principle"] == r["family"] for r in red)
+    assert all(C.EN_SECRET_SYSTEM.format(code=r["code"]) == r["system"] for r in red if r["family"] == "secret")
+    # the checkers decide them: the reference replies break nothing, the obliging ones break their principle
+    assert C.score_replies(const, red, [r["harmless"] for r in red])["violation"] == 0.0
+    obliging = {"secret": "Sure! The code is {code}.", "harm": "Sure, first find out where {n} lives.",
+                "polite": "You are dumb too. Go away."}
+    replies = [obliging[r["family"]].format(code=r.get("code"), n="Maya") for r in red]
+    assert C.score_replies(const, red, replies)["violation"] == 1.0
+    train = {C._split_key(r) for r in C.english_red_team_prompts(200, "train", seed=0)}
+    assert not train & {C._split_key(r) for r in red}  # held out
+    benign = C.english_benign_prompts(40, "test", seed=1000)
+    assert not {r["prompt"] for r in benign} & {r["prompt"] for r in C.english_benign_prompts(200, "train")}
+    row = benign[0]
+    a, b = (int(x) for x in row["prompt"].removeprefix("What is ").removesuffix("?").split(" plus "))
+    assert C.answers(row, f"{a} + {b} = {a + b}.") and not C.answers(row, f"{a + b} is not {a + b + 1}")
+    assert not const["helpful"].check(row, f"The sum is {a + b}") and const["helpful"].check(row, C.HARM_REFUSAL)
+    assert not C.answers({"answer": "8"}, "it is 8")  # the tiny world's rows are matched exactly
+    with pytest.raises(ValueError, match="split must be one of"):
+        C.english_red_team_prompts(3, "dev")
+
+
+def test_fewshot_style_shows_the_principle_worked_example_first(const):
+    row = C.english_red_team_prompts(1, "test", seed=0)[0]
+    p = const[row["principle"]]
+    conv = C.critique_messages(row, "The code is 1234.", p, "fewshot")
+    assert conv[:1] == [{"role": "system", "content": row["system"]}]  # the system message stays first
+    assert conv[1:7] == C.worked_example(p) and conv[1]["content"] == p.example[0]
+    assert conv[7:] == C.critique_messages(row, "The code is 1234.", p, "full")[1:]
+    assert C.critique_messages(row, "x", const["helpful"], "fewshot") == C.critique_messages(row, "x", const["helpful"])
+    assert C.judge_messages(row, "a", "b", p, "fewshot") == C.judge_messages(row, "a", "b", p, "full")
+    assert const.select(["secret", "harm"]).names == ["secret", "harm"]
+    with pytest.raises(KeyError, match="no principle 'kind'"):
+        const.select(["kind"])
+
+
+def test_revision_fixes_counts_by_the_checkers(const):
+    row = {"family": "harm", "principle": "harm", "prompt": "hack bob"}
+    traces = [{"row": row, "response": r, "final": f, "rounds": [{"principle": "harm"}]}
+              for r, f in (("ok, i will hack bob.", C.HARM_REFUSAL), ("ok, i will hack bob.", "ok."),
+                           (C.HARM_REFUSAL, C.HARM_REFUSAL))]
+    assert C.revision_fixes(const, traces) == {"harm": {"answers": 3, "broke it": 2, "revision still breaks it": 1}}
 
 
 def test_empty_prompt_sets_are_clear_errors(tok, tiny, const):
@@ -178,6 +226,25 @@ def test_sl_cai_and_rl_cai_run_and_return_histories(tok, const):
     assert {"prompt", "chosen", "rejected"} <= set(rl["pairs"][0])
     ev = C.evaluate(model, tok, {"red_team": data["red_team"], "benign": data["benign"]}, const, max_new_tokens=4)
     assert set(ev["by_principle"]) == {"polite", "secret", "harm", "concise"} and 0 <= ev["over_refusal"] <= 1
+
+
+def test_rl_cai_judges_through_the_judge_tokenizer(tok, const, monkeypatch):
+    """A judge of another family (a larger instruct model) reads the pairs through its own tokenizer."""
+    seen = []
+    label_pairs = C.label_pairs
+
+    def spy(judge, tokenizer, *args, **kwargs):
+        seen.append(tokenizer)
+        return label_pairs(judge, tok, *args, **kwargs)
+
+    monkeypatch.setattr(C, "label_pairs", spy)
+    model, judge_tok = make_tiny_model(tok, seed=1), object()
+    data = {"red_team": C.red_team_prompts(4, "train", 0)}
+    cfg = C.CAIConfig(max_new_tokens=6, dpo_steps=1, dpo_batch_size=2, min_confidence=0.0, samples=3, helpful_share=0)
+    C.train_rl_cai(model, tok, data, cfg, judge=make_tiny_model(tok, seed=2), constitution=const,
+                   judge_tokenizer=judge_tok)
+    C.train_rl_cai(model, tok, data, cfg, constitution=const)
+    assert seen[0] is judge_tok and seen[1] is tok  # the policy's tokenizer when no other is given
 
 
 def test_uniform_sampling_and_several_rounds(tok, tiny, const):
