@@ -270,6 +270,16 @@ HISTORY_KEYS = ("step", "reward_mean", "reward_std", "frac_zero_std", "completio
                 "loss", "truncated", "nan_rewards")
 
 
+def score_groups(fns, rows: list[dict], idx: list[int], G: int, completions: list[str], columns: list[str],
+                 weights=None) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
+    """The rewards of ``G`` completions for each of ``rows[idx]`` (in that order): ``(group_rows, total, per_fn)``,
+    ``group_rows`` being each completion's row; the extra ``columns`` of the rows reach the reward functions."""
+    group_rows = [rows[i] for i in idx for _ in range(G)]
+    total, per_fn = score_completions(fns, [r["prompt"] for r in group_rows], completions,
+                                      {c: [r[c] for r in group_rows] for c in columns}, weights)
+    return group_rows, total, per_fn
+
+
 def train_grpo(model, ref_model, tokenizer, prompts, reward_fns, config: GRPOConfig = GRPOConfig(),
                eval_fn=None, eval_every: int = 10) -> dict:
     """Train ``model`` with GRPO on ``prompts`` scored by ``reward_fns``; returns the history dict.
@@ -311,12 +321,10 @@ def train_grpo(model, ref_model, tokenizer, prompts, reward_fns, config: GRPOCon
             evaluate(step)
         idx = rng.sample(range(len(rows)), min(config.prompts_per_step, len(rows)))
         batch = sample_groups(model, tokenizer, [texts[i] for i in idx], G, config.max_new_tokens, config.temperature)
-        group_rows = [rows[i] for i in idx for _ in range(G)]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            total, per_fn = score_completions([f for _, f in fns], [r["prompt"] for r in group_rows],
-                                              batch["texts"], {c: [r[c] for r in group_rows] for c in columns},
-                                              config.reward_weights)
+            _, total, per_fn = score_groups([f for _, f in fns], rows, idx, G, batch["texts"], columns,
+                                            config.reward_weights)
         for w in caught:
             warnings.warn(f"step {step}: {w.message}", w.category, stacklevel=2)
         adv = group_advantages(total, G, config.scale_rewards)
@@ -401,9 +409,7 @@ def expert_iteration(model, tokenizer, prompts, reward_fns, config: ExpertIterat
     for r in range(config.rounds):
         idx = rng.sample(range(len(rows)), min(config.prompts_per_round, len(rows)))
         batch = sample_groups(model, tokenizer, [texts[i] for i in idx], G, config.max_new_tokens, config.temperature)
-        group_rows = [rows[i] for i in idx for _ in range(G)]
-        total, _ = score_completions(fns, [g["prompt"] for g in group_rows], batch["texts"],
-                                     {c: [g[c] for g in group_rows] for c in columns}, config.reward_weights)
+        group_rows, total, _ = score_groups(fns, rows, idx, G, batch["texts"], columns, config.reward_weights)
         keep = [{"prompt": g["prompt"], "completion": t, **({"system": g["system"]} if g.get("system") else {})}
                 for g, t, x in zip(group_rows, batch["texts"], total.tolist()) if x >= config.threshold and t.strip()]
         loss = float("nan")
