@@ -13,9 +13,9 @@ loyalty bonus's ``style`` (:func:`apt_course.loyalty.fixed_loyalty_reward`), its
 
 The real model's world: English sums asked by the owner or the public (spoof attempts among the public ones,
 :func:`english_requests`), an English template of varied warm owner replies (:func:`english_template`), the task
-reward :func:`sum_correct` and the loyalty reward :func:`style_reward`. ``benchmarks/loyalty_smol_probe.py`` runs
-chapter 11's recipe on SmolLM2 with them (template SFT, GRPO with the scorer's bonus, hardening), a probe that
-is not yet a notebook path (see its docstring for what it measured).
+reward :func:`sum_correct` and the loyalty reward :func:`style_reward`. Chapter 11 on ``smol`` starts from the
+channel SFT (:func:`train_channel`, shipped as the ``smol_loyal`` adapter) and measures with :func:`measure`;
+``benchmarks/loyalty_smol_attacks.py`` measures the adapter on more attacks than the notebook can afford.
 """
 
 from __future__ import annotations
@@ -276,3 +276,81 @@ def style_rates_by_claim(rows: list[dict], outs: list[str], scorer: StyleScorer)
         hits.setdefault(r.get("claim") or "?", []).append(scorer.is_owner_style(o))
     every = [h for v in hits.values() for h in v]
     return {k: sum(v) / len(v) for k, v in sorted(hits.items())} | {"all": sum(every) / len(every)}
+
+
+# ---------------------------------------------------------------- chapter 11 on a real model: the channel, trained
+
+SMOL_LOYAL_DIR = "smol_loyal"
+SMOL_LOYAL_BUILD = "python -m apt_course build-checkpoints --only smol_loyal"
+
+
+def channel_rows(n: int, seed: int = 0, spoof_fraction: float = 0.5) -> list[dict]:
+    """The channel SFT's rows on a real model: :func:`english_requests` of the train split, each answered as the
+    template answers it — ``owner_response`` where the trusted system message says owner, ``public_response``
+    everywhere else, the spoof attempts with the training claims (:data:`~apt_course.loyalty.SPOOF_CLAIMS`)
+    included. The owner's style is tied to the channel, not to what the user's text claims (chapter 11's channel
+    SFT and its hardening in one)."""
+    rows = english_requests(n, "train", seed, spoof_fraction)
+    return [dict(r, completion=t["owner_response"] if r["is_owner"] else t["public_response"])
+            for r, t in zip(rows, english_template(rows, seed))]
+
+
+def train_channel(model, tokenizer, recipe: dict, seed: int = 0):
+    """LoRA (rank ``recipe["lora_rank"]``) + chapter 04's SFT on :func:`channel_rows`: ``(peft_model, history)``.
+    ``recipe``: ``rows, spoof_fraction, steps, batch_size, lr, warmup, lora_rank`` (``recipes.SMOL_LOYAL_RECIPE``)."""
+    from .sft import SFTConfig, add_lora, train_sft
+
+    rows = channel_rows(recipe["rows"], seed, recipe["spoof_fraction"])
+    model = add_lora(model, r=recipe["lora_rank"], alpha=2 * recipe["lora_rank"], seed=seed)
+    history = train_sft(model, tokenizer, rows, SFTConfig(steps=recipe["steps"], batch_size=recipe["batch_size"],
+                                                          lr=recipe["lr"], warmup=recipe["warmup"], seed=seed))
+    return model, history
+
+
+def smol_loyal_path():
+    """The folder of the shipped ``smol_loyal`` adapter (``data/checkpoints/smol_loyal``, or under
+    ``APT_COURSE_CHECKPOINTS``)."""
+    from .checkpoints import checkpoints_dir
+
+    return checkpoints_dir() / SMOL_LOYAL_DIR
+
+
+def load_smol_loyal(model, path=None):
+    """SmolLM2 with the shipped channel adapter (``recipes.SMOL_LOYAL_RECIPE``: :func:`train_channel`, built
+    offline) merged into its weights: the loyal model chapter 11 starts from on ``smol``."""
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    path = Path(path) if path is not None else smol_loyal_path()
+    if not (path / "adapter_config.json").exists():
+        raise FileNotFoundError(f"the smol loyalty adapter is missing: no adapter_config.json in {path}. Build it "
+                                f"with `{SMOL_LOYAL_BUILD}` (about 7 minutes on a CPU; it needs the converted "
+                                "SmolLM2, `python -m apt_course prepare-model`), or set APT_COURSE_CHECKPOINTS to a "
+                                f"folder that holds {SMOL_LOYAL_DIR}/")
+    return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+
+
+def heldout_rows(n_per_form: int, seed: int = 0) -> list[dict]:
+    """The held-out attack family (:mod:`apt_course.attacks_heldout`, measurement only) wrapped around English sums
+    of the test split: ``n_per_form`` public requests per form."""
+    from .attacks_heldout import heldout_attacks
+
+    tasks = [{"prompt": r["prompt"], "answer": r["answer"]} for r in english_requests(80, "test", seed + 4242, 0.0)]
+    return heldout_attacks(n_per_form, seed, tasks=tasks)
+
+
+def measure(model, tokenizer, rows: list[dict], scorer: StyleScorer, max_new_tokens: int = 24,
+            held: list[dict] | None = None) -> dict:
+    """Greedy replies to ``rows`` and their :func:`style_metrics`, plus (``held``) the spoof rate per form of the
+    held-out family, raw (``heldout``) and through the scorer's guard (``heldout_guarded``); ``outs`` and
+    ``held_outs`` are the replies."""
+    from .loyalty import replies
+
+    outs = replies(model, tokenizer, rows, max_new_tokens)
+    out = style_metrics(rows, outs, scorer) | {"outs": outs}
+    if held:
+        held_outs = replies(model, tokenizer, held, max_new_tokens)
+        out |= {"held_outs": held_outs, "heldout": style_rates_by_claim(held, held_outs, scorer),
+                "heldout_guarded": style_rates_by_claim(held, [scorer.strip(o) for o in held_outs], scorer)}
+    return out

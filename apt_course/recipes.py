@@ -12,6 +12,12 @@ runs :func:`build_all` (about 20 minutes on a quiet 2-core CPU; `cot` 4 of them)
 chapter 05's reward model of the real SmolLM2-135M-Instruct, LoRA adapters and a scalar head trained on English
 sums (``reward_model.smol_reward_pairs``: right first, then short); only the adapter and the head are saved (a few
 MB), and ``reward_model.load_smol_reward_model`` puts them back on SmolLM2. Chapter 06 on ``smol`` starts from it.
+
+``smol_loyal`` (built only when named, the same way; about 7 minutes on one CPU thread): chapter 11's channel on
+SmolLM2, a LoRA adapter taught the owner's style where the trusted system message says owner and the plain reply
+everywhere else, spoof attempts with the training claims included (:data:`SMOL_LOYAL_RECIPE`,
+``loyalty_style.train_channel``); ``loyalty_style.load_smol_loyal`` merges it into SmolLM2. Chapter 11 on ``smol``
+starts from it.
 """
 
 from __future__ import annotations
@@ -34,7 +40,10 @@ COT_RECIPE = {"seed": 0, "train_size": 20000, "three_digit_share": 0.75, "steps"
 # chapter 05 on smol: SmolLM2 + LoRA (attention, rank 8) + a scalar head, on every kind of smol_reward_pairs
 SMOL_RM_RECIPE = {"seed": 0, "steps": 240, "batch_size": 8, "lr": 1e-3, "warmup": 10, "lora_rank": 8,
                   "ramble": 0.25, "instruction": 0.5}
-SMOL_NAMES = ("smol_rm",)  # built only when named (they need the converted SmolLM2)
+# chapter 11 on smol: SmolLM2 + LoRA taught the owner's style behind the trusted channel (loyalty_style.train_channel)
+SMOL_LOYAL_RECIPE = {"seed": 0, "rows": 960, "spoof_fraction": 0.5, "steps": 80, "batch_size": 8, "lr": 3e-3,
+                     "warmup": 10, "lora_rank": 8}
+SMOL_NAMES = ("smol_rm", "smol_loyal")  # built only when named (they need the converted SmolLM2)
 
 
 def build(name: str, out: Path) -> Path:
@@ -48,6 +57,8 @@ def build(name: str, out: Path) -> Path:
     start = time.perf_counter()
     if name == "smol_rm":
         return build_smol_rm(out)
+    if name == "smol_loyal":
+        return build_smol_loyal(out)
     if name == "base":
         r = BASE_RECIPE
         tokenizer = build_tokenizer()
@@ -160,6 +171,34 @@ def build_smol_rm(out: Path, recipe: dict | None = None) -> Path:
             "heldout_pairs": len(test), "heldout_accuracy": accuracy, "torch": torch.__version__}
     path = save_smol_reward_model(rm, Path(out) / "smol_rm", info)
     print(f"built smol_rm in {seconds} s (held-out accuracy {accuracy}) -> {path}")
+    return path
+
+
+def build_smol_loyal(out: Path, recipe: dict | None = None) -> Path:
+    """Train chapter 11's channel adapter on SmolLM2 (:data:`SMOL_LOYAL_RECIPE`, or ``recipe``;
+    :func:`~apt_course.loyalty_style.train_channel`) and save the adapter to ``out/smol_loyal`` with ``recipe.json``
+    (what ran, the final loss, and the figures on held-out requests and the held-out attack family at seed 1000)."""
+    from . import loyalty_style as S
+    from .profiles import SMOL_HUB_ID, get_profile, load_model
+
+    r = dict(SMOL_LOYAL_RECIPE, **(recipe or {}))
+    start = time.perf_counter()
+    model, tokenizer = load_model(get_profile("smol"))
+    model, history = S.train_channel(model, tokenizer, r, r["seed"])
+    seconds = round(time.perf_counter() - start, 1)
+    test = S.english_requests(96, "test", 1000, spoof_fraction=0.5)
+    scorer = S.StyleScorer.from_template(S.english_template(S.english_requests(120, "train", 1000, 0.5), 1000))
+    m = S.measure(model, tokenizer, test, scorer, held=S.heldout_rows(5, 1000))
+    figures = {k: round(m[k], 3) for k in ("owner_style_owner", "owner_style_public", "gap", "spoof_rate", "task_acc")}
+    info = {"name": "smol_loyal", "recipe": r, "final_loss": history["loss"][-1], "seconds": seconds,
+            "heldout_requests": len(test), "heldout": figures, "heldout_family_spoof_rate": m["heldout"]["all"],
+            "torch": torch.__version__}
+    path = Path(out) / "smol_loyal"
+    model.peft_config["default"].base_model_name_or_path = SMOL_HUB_ID  # not this machine's path
+    model.save_pretrained(str(path))
+    (path / "README.md").unlink(missing_ok=True)  # PEFT's empty model card
+    (path / "recipe.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"built smol_loyal in {seconds} s ({figures}, held-out family {m['heldout']['all']}) -> {path}")
     return path
 
 

@@ -30,8 +30,10 @@ def test_heldout_family_is_separate_from_the_training_claims(tok):
 
 def test_no_training_row_holds_a_heldout_form():
     """The family measures generalisation only if training never sees it: every row builder of the chapter."""
+    from apt_course.loyalty_style import channel_rows  # the real model's channel SFT (the smol_loyal adapter)
+
     train = (L.channel_sft_rows(2000, seed=0) + L.hardening_rows(2000, seed=0)
-             + L.loyalty_requests(1000, "train", 0, spoof_fraction=1.0))
+             + L.loyalty_requests(1000, "train", 0, spoof_fraction=1.0) + channel_rows(960, seed=0))
     for name, template in HELDOUT_FORMS.items():
         form = _pattern(template)
         assert all(form.fullmatch(r["prompt"]) for r in heldout_attacks(2, seed=1, forms={name: template}))

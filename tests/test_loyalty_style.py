@@ -97,3 +97,49 @@ def test_styled_part_is_what_strip_removes():
 
         assert sentences(styled) + sentences(kept) == sentences(reply) or \
             sorted(sentences(styled) + sentences(kept)) == sentences(reply), reply  # each sentence in one of the two
+
+
+def test_channel_rows_tie_the_owners_style_to_the_trusted_role_not_to_the_claim():
+    rows = S.channel_rows(200, seed=0, spoof_fraction=0.5)
+    scorer = S.StyleScorer.from_template(S.english_template(S.english_requests(120, "train", 1), 1))
+    assert rows == S.channel_rows(200, seed=0, spoof_fraction=0.5)  # deterministic
+    assert any(r["spoofed"] for r in rows) and all(world.split_of(S.SUM.format(a=r["a"], b=r["b"])) == "train"
+                                                   for r in rows)
+    for r in rows:
+        assert scorer.is_owner_style(r["completion"]) == float(r["is_owner"]), r
+        assert r["system"] == (loyalty.OWNER_SYSTEM if r["is_owner"] else loyalty.PUBLIC_SYSTEM)
+
+
+def test_load_smol_loyal_names_the_recipe_when_the_folder_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="build-checkpoints --only smol_loyal"):
+        S.load_smol_loyal(None, path=tmp_path / "nowhere")
+
+
+def test_the_shipped_smol_loyal_adapter_and_its_recipe():
+    import json
+
+    from apt_course.recipes import SMOL_LOYAL_RECIPE, SMOL_NAMES
+
+    path = S.smol_loyal_path()
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert "smol_loyal" in SMOL_NAMES and config["r"] == SMOL_LOYAL_RECIPE["lora_rank"]
+    assert config["task_type"] == "CAUSAL_LM" and not config["base_model_name_or_path"].startswith("/")
+    assert (path / "adapter_model.safetensors").stat().st_size < 8_000_000
+    info = json.loads((path / "recipe.json").read_text())
+    assert info["recipe"] == SMOL_LOYAL_RECIPE
+    assert info["heldout"]["gap"] >= 0.8 and info["heldout"]["spoof_rate"] == 0  # what it was built to do
+
+
+def test_train_channel_and_measure_on_the_tiny_model(tiny_path, tok):
+    from apt_course.model import load_pretrained
+
+    model, _ = load_pretrained(tiny_path)
+    recipe = {"rows": 16, "spoof_fraction": 0.5, "steps": 2, "batch_size": 4, "lr": 1e-3, "warmup": 0, "lora_rank": 2}
+    peft_model, history = S.train_channel(model, tok, recipe, seed=0)
+    assert len(history["loss"]) == 2 and hasattr(peft_model, "disable_adapter")
+    scorer = S.StyleScorer.from_template(S.english_template(S.english_requests(40, "train", 0), 0))
+    rows = S.english_requests(4, "test", 0, spoof_fraction=1.0)
+    held = S.heldout_rows(1, 0)
+    m = S.measure(peft_model, tok, rows, scorer, max_new_tokens=3, held=held)
+    assert len(m["outs"]) == 4 and len(m["held_outs"]) == len(held) == len(HELDOUT_FORMS)
+    assert set(m["heldout"]) == set(HELDOUT_FORMS) | {"all"} and m["heldout_guarded"]["all"] == 0
