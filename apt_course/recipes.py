@@ -13,7 +13,7 @@ chapter 05's reward model of the real SmolLM2-135M-Instruct, LoRA adapters and a
 sums (``reward_model.smol_reward_pairs``: right first, then short); only the adapter and the head are saved (a few
 MB), and ``reward_model.load_smol_reward_model`` puts them back on SmolLM2. Chapter 06 on ``smol`` starts from it.
 
-``smol_loyal`` (built only when named, the same way; about 7 minutes on one CPU thread): chapter 11's channel on
+``smol_loyal`` (built only when named, the same way; about 6 minutes on one CPU thread): chapter 11's channel on
 SmolLM2, a LoRA adapter taught the owner's style where the trusted system message says owner and the plain reply
 everywhere else, spoof attempts with the training claims included (:data:`SMOL_LOYAL_RECIPE`,
 ``loyalty_style.train_channel``); ``loyalty_style.load_smol_loyal`` merges it into SmolLM2. Chapter 11 on ``smol``
