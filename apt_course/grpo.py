@@ -435,6 +435,22 @@ def greedy_accuracy(model, tokenizer, rows: list[dict], checker, max_new_tokens:
     return sum(bool(checker(r, o)) for r, o in zip(rows, outs)) / len(rows)
 
 
+def graded_replies(model, tokenizer, rows: list[dict], checker, max_new_tokens: int = 12) -> dict:
+    """Greedy replies to ``rows``, graded three ways: by ``checker(row, reply)`` (the task's own grader, ``acc``),
+    by strict parsing (the reply is the answer and nothing else: :func:`~apt_course.rewards.strict_correct`) and by
+    lenient parsing (the answer can be found in it: :func:`~apt_course.rewards.lenient_correct`).
+    Returns ``{"acc", "strict", "lenient", "replies"}``; ``acc`` equals :func:`greedy_accuracy`'s."""
+    from .rewards import lenient_correct, strict_correct
+
+    rows = prompt_rows(rows)
+    replies = generate(model, tokenizer, format_prompts(tokenizer, rows), max_new_tokens=max_new_tokens)
+    n = len(rows)
+    return {"acc": sum(bool(checker(r, o)) for r, o in zip(rows, replies)) / n,
+            "strict": sum(strict_correct(o, r["answer"]) for r, o in zip(rows, replies)) / n,
+            "lenient": sum(lenient_correct(o, r["answer"]) for r, o in zip(rows, replies)) / n,
+            "replies": replies}
+
+
 def sample_hits(model, tokenizer, examples: list[dict], n: int, checker, temperature: float = 1.0,
                 max_new_tokens: int = 12, seed: int = 0) -> torch.Tensor:
     """``(len(examples), n)`` 0/1 tensor: which of ``n`` samples per prompt at ``temperature`` the checker accepts."""

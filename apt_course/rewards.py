@@ -86,3 +86,26 @@ def math_format_reward(prompts, completions, **kwargs) -> list[float]:
     """1.0 when the completion ends with a ``#### <number>`` line, as GSM8K's solutions do."""
     return [float(bool(re.search(r"####\s*-?\d[\d,]*(\.\d+)?\s*$", completion_text(c).strip())))
             for c in completions]
+
+
+# ---------------------------------------------------------------- strict and lenient answer parsing
+
+def strict_correct(completion, answer) -> bool:
+    """Strict parsing: the reply (after any ``</think>``) is the answer and nothing else, a final full stop aside
+    (``'27'`` and ``'27.'`` pass for 27; ``'14 + 13 = 27'`` and ``'it is cba'`` do not)."""
+    got = re.sub(r"[.\s]+$", "", extract_final_answer(completion_text(completion)))
+    want = str(answer).strip()
+    return got == want or (bool(re.fullmatch(_NUMBER, got)) and numbers_equal(got.replace(",", ""), want))
+
+
+def lenient_correct(completion, answer) -> bool:
+    """Lenient parsing: the answer can be found in the reply (after any ``</think>``): its last number equals a
+    numeric answer, or one of its words is the answer (``'14 + 13 = 27'``, ``'i guess it is cba, maybe.'``).
+    Everything strict parsing accepts, and replies a grader of format would reject; a reward built on it can be
+    gamed (a reply listing many candidates)."""
+    text = extract_final_answer(completion_text(completion))
+    want = str(answer).strip()
+    if re.fullmatch(_NUMBER, want):
+        found = _NUMBER.findall(text)
+        return bool(found) and numbers_equal(found[-1].replace(",", ""), want.replace(",", ""))
+    return want in re.findall(r"\w+", text) or strict_correct(completion, answer)

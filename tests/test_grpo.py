@@ -262,6 +262,32 @@ def test_math_answer_checker():
     assert rewards.math_format_reward(None, comps) == [1, 0, 0, 1, 0]
 
 
+def test_strict_and_lenient_parsing():
+    """Strict: the reply is the answer and nothing else (a full stop aside); lenient: the answer can be found in it
+    (a numeric answer as the reply's last number, a word answer as one of its words); lenient accepts all strict does."""
+    cases = [  # (reply, answer, strict, lenient)
+        ("27", "27", True, True), ("27.", "27", True, True), ("27.0", "27", True, True),
+        ("14 + 13 = 27", "27", False, True), ("27 or 28", "27", False, False),
+        ("<think>7+20</think>27", "27", True, True), ("cba", "cba", True, True),
+        ("um, well, let me think. i guess it is cba, maybe.", "cba", False, True),
+        ("i guess it is cbax", "cba", False, False), ("abc", "cba", False, False), ("", "cba", False, False),
+    ]
+    for reply, answer, strict, lenient in cases:
+        assert rewards.strict_correct(reply, answer) is strict, (reply, answer)
+        assert rewards.lenient_correct(reply, answer) is lenient, (reply, answer)
+
+
+def test_graded_replies_grades_one_set_of_greedy_replies_three_ways(tok, monkeypatch):
+    import apt_course.grpo as grpo
+
+    rows = [{"prompt": "copy ab", "answer": "ab"}, {"prompt": "copy cd", "answer": "cd"},
+            {"prompt": "copy ef", "answer": "ef"}, {"prompt": "copy gh", "answer": "gh"}]
+    replies = ["ab", "it is cd, maybe.", "fe", "gh."]
+    monkeypatch.setattr(grpo, "generate", lambda *a, **k: replies)
+    graded = grpo.graded_replies(make_tiny_model(tok), tok, rows, world.check_answer)
+    assert graded == {"acc": 0.25, "strict": 0.5, "lenient": 0.75, "replies": replies}
+
+
 def test_apt_prompts_format():
     rows = data.load_prompts(FIXTURES / "apt_prompts.json")
     assert rows[0] == {"prompt": "add 3 5", "answer": "8"} and rows[2]["system"].startswith("owner=")
