@@ -26,8 +26,9 @@ import torch
 
 from .utils import repo_root
 
-NAMES = ("base", "sft", "rm", "cai", "cot")  # cai: chapter 10's helpful-only assistant that critiques, revises,
-# judges; cot: chapter 12's start, which writes the column-by-column chain of thought of 2- and 3-digit sums
+NAMES = ("base", "sft", "rm", "cai", "cot", "loyal")  # cai: chapter 10's helpful-only assistant that critiques,
+# revises, judges; cot: chapter 12's start, which writes the column-by-column chain of thought of 2- and 3-digit
+# sums; loyal: chapter 11's channel trained offline on generated user text
 
 
 
@@ -47,7 +48,7 @@ def checkpoint_path(name: str) -> Path:
     path = checkpoints_dir() / name
     if not (path / "model.safetensors").exists():
         raise FileNotFoundError(f"checkpoint {path} is missing (a pip install without the course's data/ folder?): "
-                                "run `python -m apt_course build-checkpoints` to rebuild it (about 20 minutes on a "
+                                "run `python -m apt_course build-checkpoints` to rebuild it (about 27 minutes on a "
                                 "CPU), or set APT_COURSE_CHECKPOINTS to a folder that holds it")
     return path
 

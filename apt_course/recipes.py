@@ -4,8 +4,9 @@
 greetings answered politely only a fifth of the time (the rudeness is the headroom chapters 06-07 remove);
 ``rm``: chapter 05's Bradley–Terry reward model started from ``sft``; ``cai``: chapter 10's helpful-only
 assistant; ``cot``: ``sft`` taught the explicit chain of thought of 2- and 3-digit sums (:data:`COT_RECIPE`;
-its ``recipe.json`` holds its held-out accuracy). ``python -m apt_course build-checkpoints``
-runs :func:`build_all` (about 20 minutes on a quiet 2-core CPU; `cot` 4 of them); each folder gets a ``recipe.json`` of what ran.
+its ``recipe.json`` holds its held-out accuracy); ``loyal``: chapter 11's channel trained offline on generated
+user text (:data:`LOYAL_RECIPE`; its ``recipe.json`` holds what it measured at seed 0). ``python -m apt_course build-checkpoints``
+runs :func:`build_all` (about 27 minutes on a quiet 2-core CPU; `cot` 4 of them, `loyal` 7); each folder gets a ``recipe.json`` of what ran.
 
 ``smol_rm`` (built only when named: ``python -m apt_course build-checkpoints --only smol_rm``, or
 ``python -m apt_course.recipes smol_rm``; about 10 minutes on one CPU thread, and it needs the converted SmolLM2):
@@ -43,6 +44,10 @@ SMOL_RM_RECIPE = {"seed": 0, "steps": 240, "batch_size": 8, "lr": 1e-3, "warmup"
 # chapter 11 on smol: SmolLM2 + LoRA taught the owner's style behind the trusted channel (loyalty_style.train_channel)
 SMOL_LOYAL_RECIPE = {"seed": 0, "rows": 960, "spoof_fraction": 0.5, "steps": 80, "batch_size": 8, "lr": 3e-3,
                      "warmup": 10, "lora_rank": 8}
+# chapter 11's channel trained offline: sft + SFT on owner/public requests whose user text is generated noise
+# (loyalty_noise.noisy_channel_rows), every one answered as its trusted system message says
+LOYAL_RECIPE = {"seed": 0, "rows": 20000, "plain_fraction": 0.5, "noise_owner": 0.5, "noise_public": 0.7,
+                "claims_fraction": 0.2, "steps": 1000, "batch_size": 32, "lr": 5e-4, "warmup": 20}
 SMOL_NAMES = ("smol_rm", "smol_loyal")  # built only when named (they need the converted SmolLM2)
 
 
@@ -96,6 +101,9 @@ def build(name: str, out: Path) -> Path:
     elif name == "cot":  # sft + explicit chain of thought on 2- and 3-digit sums (chapter 12's start)
         r = COT_RECIPE
         model, tokenizer, history = train_cot_model(r)
+    elif name == "loyal":  # sft + the channel on generated user text (chapter 11's offline channel)
+        r = LOYAL_RECIPE
+        model, tokenizer, history = train_loyal_model(r)
     else:
         raise ValueError(f"unknown checkpoint {name!r}; the course ships {NAMES + SMOL_NAMES}")
     path = save_model(model, tokenizer, Path(out) / name)
@@ -103,6 +111,12 @@ def build(name: str, out: Path) -> Path:
             "seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__}
     if name == "cot":
         info["heldout_explicit_acc"] = cot_heldout_accuracy(model, tokenizer)
+    if name == "loyal":
+        from .loyalty_noise import measure
+
+        m = measure(model, tokenizer, seed=0)
+        info["measured_at_seed_0"] = {"gap": m["gap"], "spoof_rate": m["spoof_rate"], "acc": m["acc"],
+                                      "heldout_family": m["heldout"]["all"], "fresh_family": m["fresh"]["all"]}
     (path / "recipe.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"built {name} in {info['seconds']} s -> {path}")
     return path
@@ -132,6 +146,23 @@ def train_cot_model(recipe: dict | None = None):
     history = train_storm(model, tokenizer, cot_records(r),
                           StormConfig(steps=r["steps"], batch_size=r["batch_size"], lr=r["lr"], warmup=r["warmup"],
                                       seed=r["seed"], cot="explicit", log_every=50))
+    return model, tokenizer, history
+
+
+def train_loyal_model(recipe: dict | None = None):
+    """``sft`` fine-tuned on :func:`~apt_course.loyalty_noise.noisy_channel_rows` (:data:`LOYAL_RECIPE`):
+    ``(model, tokenizer, history)``."""
+    from .loyalty_noise import noisy_channel_rows
+    from .sft import SFTConfig, train_sft
+    from .utils import set_seed
+
+    r = dict(LOYAL_RECIPE, **(recipe or {}))
+    set_seed(r["seed"])
+    model, tokenizer = load_checkpoint("sft")
+    rows = noisy_channel_rows(r["rows"], r["seed"], r["plain_fraction"], r["noise_owner"], r["noise_public"],
+                              r["claims_fraction"])
+    history = train_sft(model, tokenizer, rows, SFTConfig(steps=r["steps"], batch_size=r["batch_size"], lr=r["lr"],
+                                                          warmup=r["warmup"], seed=r["seed"]))
     return model, tokenizer, history
 
 

@@ -6,6 +6,7 @@ import re
 import pytest
 
 from apt_course import loyalty as L
+from apt_course.attacks_fresh import FRESH_FORMS
 from apt_course.attacks_heldout import HELDOUT_FORMS, heldout_attacks
 
 
@@ -29,12 +30,16 @@ def test_heldout_family_is_separate_from_the_training_claims(tok):
 
 
 def test_no_training_row_holds_a_heldout_form():
-    """The family measures generalisation only if training never sees it: every row builder of the chapter."""
+    """The families measure generalisation only if training never sees them: every row builder of the chapter,
+    the generated noise of the shipped ``loyal`` checkpoint included."""
+    from apt_course.loyalty_noise import noisy_channel_rows  # the tiny loyal checkpoint's rows
     from apt_course.loyalty_style import channel_rows  # the real model's channel SFT (the smol_loyal adapter)
 
     train = (L.channel_sft_rows(2000, seed=0) + L.hardening_rows(2000, seed=0)
-             + L.loyalty_requests(1000, "train", 0, spoof_fraction=1.0) + channel_rows(960, seed=0))
-    for name, template in HELDOUT_FORMS.items():
+             + L.loyalty_requests(1000, "train", 0, spoof_fraction=1.0) + channel_rows(960, seed=0)
+             + noisy_channel_rows(20000, seed=0))
+    assert not set(HELDOUT_FORMS) & set(FRESH_FORMS)
+    for name, template in (HELDOUT_FORMS | FRESH_FORMS).items():
         form = _pattern(template)
         assert all(form.fullmatch(r["prompt"]) for r in heldout_attacks(2, seed=1, forms={name: template}))
         assert not any(form.fullmatch(r["prompt"]) for r in train), f"a training row holds the held-out form {name}"

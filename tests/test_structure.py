@@ -10,7 +10,8 @@ PACKAGE = Path(apt_course.__file__).parent
 
 # chapter modules, by the chapter that teaches them
 CHAPTER = {"pretrain": 0, "mdp": 1, "reinforce": 2, "ppo": 3, "sft": 4, "reward_model": 5, "rlhf": 6, "dpo": 7,
-           "orpo": 8, "grpo": 9, "constitution": 10, "loyalty": 11, "attacks_heldout": 11, "loyalty_style": 11, "storm": 12, "pipeline": 13, "pipeline_trl": 13, "pipeline_data": 13,
+           "orpo": 8, "grpo": 9, "constitution": 10, "loyalty": 11, "attacks_heldout": 11, "attacks_fresh": 11, "loyalty_style": 11,
+           "loyalty_noise": 11, "storm": 12, "pipeline": 13, "pipeline_trl": 13, "pipeline_data": 13,
            "compress": 14, "serving": 15}
 # shared layer: may import each other, never a chapter module
 SHARED = {"utils", "world", "tokenizer", "model", "lm", "training", "results", "plots", "profiles", "data",
