@@ -48,7 +48,7 @@ def checkpoint_path(name: str) -> Path:
     path = checkpoints_dir() / name
     if not (path / "model.safetensors").exists():
         raise FileNotFoundError(f"checkpoint {path} is missing (a pip install without the course's data/ folder?): "
-                                "run `python -m apt_course build-checkpoints` to rebuild it (about 27 minutes on a "
+                                "run `python -m apt_course build-checkpoints` to rebuild it (about 28 minutes on a "
                                 "CPU), or set APT_COURSE_CHECKPOINTS to a folder that holds it")
     return path
 

@@ -6,7 +6,7 @@ greetings answered politely only a fifth of the time (the rudeness is the headro
 assistant; ``cot``: ``sft`` taught the explicit chain of thought of 2- and 3-digit sums (:data:`COT_RECIPE`;
 its ``recipe.json`` holds its held-out accuracy); ``loyal``: chapter 11's channel trained offline on generated
 user text (:data:`LOYAL_RECIPE`; its ``recipe.json`` holds what it measured at seed 0). ``python -m apt_course build-checkpoints``
-runs :func:`build_all` (about 27 minutes on a quiet 2-core CPU; `cot` 4 of them, `loyal` 7); each folder gets a ``recipe.json`` of what ran.
+runs :func:`build_all` (about 28 minutes on a quiet 2-core CPU; `cot` 4 of them, `loyal` 8); each folder gets a ``recipe.json`` of what ran.
 
 ``smol_rm`` (built only when named: ``python -m apt_course build-checkpoints --only smol_rm``, or
 ``python -m apt_course.recipes smol_rm``; about 10 minutes on one CPU thread, and it needs the converted SmolLM2):
