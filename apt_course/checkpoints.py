@@ -61,3 +61,13 @@ def load_checkpoint(name: str, device: torch.device | str = "cpu"):
     if name == "rm":
         return load_reward_model(checkpoint_path(name), device=device)
     return load_pretrained(checkpoint_path(name), device=device)
+
+
+def require_adapter(path: Path, what: str, build: str, minutes: int, folder: str) -> Path:
+    """``path`` when it holds a PEFT adapter (``adapter_config.json``); else a FileNotFoundError that says how to
+    build ``what`` (``build``, about ``minutes`` on a CPU, from the converted SmolLM2) or where else it may lie."""
+    if not (path / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{what} is missing: no adapter_config.json in {path}. Build it with `{build}` (about "
+                                f"{minutes} minutes on a CPU; it needs the converted SmolLM2, `python -m apt_course "
+                                f"prepare-model`), or set APT_COURSE_CHECKPOINTS to a folder that holds {folder}/")
+    return path

@@ -322,12 +322,10 @@ def load_smol_loyal(model, path=None):
 
     from peft import PeftModel
 
-    path = Path(path) if path is not None else smol_loyal_path()
-    if not (path / "adapter_config.json").exists():
-        raise FileNotFoundError(f"the smol loyalty adapter is missing: no adapter_config.json in {path}. Build it "
-                                f"with `{SMOL_LOYAL_BUILD}` (about 6 minutes on a CPU; it needs the converted "
-                                "SmolLM2, `python -m apt_course prepare-model`), or set APT_COURSE_CHECKPOINTS to a "
-                                f"folder that holds {SMOL_LOYAL_DIR}/")
+    from .checkpoints import require_adapter
+
+    path = require_adapter(Path(path) if path is not None else smol_loyal_path(), "the smol loyalty adapter",
+                           SMOL_LOYAL_BUILD, 6, SMOL_LOYAL_DIR)
     return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
 
 

@@ -316,12 +316,10 @@ def load_smol_reward_model(device: torch.device | str = "cpu", path: str | Path 
     tokenizer returned here (:func:`smol_reward_tokenizer`), not the policy's."""
     from peft import PeftModel
 
-    path = Path(path) if path is not None else smol_rm_path()
-    if not (path / "adapter_config.json").exists():
-        raise FileNotFoundError(f"the smol reward model is missing: no adapter_config.json in {path}. Build it with "
-                                f"`{SMOL_RM_BUILD}` (about 10 minutes on a CPU; it needs the converted SmolLM2, "
-                                "`python -m apt_course prepare-model`), or set APT_COURSE_CHECKPOINTS to a folder "
-                                f"that holds {SMOL_RM_DIR}/")
+    from .checkpoints import require_adapter
+
+    path = require_adapter(Path(path) if path is not None else smol_rm_path(), "the smol reward model",
+                           SMOL_RM_BUILD, 10, SMOL_RM_DIR)
     base, tokenizer = _smol_base(device)
     rm = PeftModel.from_pretrained(base, str(path), is_trainable=False).to(device)
     rm.eval()
