@@ -472,13 +472,6 @@ def tiny_datasets(n: int = 2000, n_test: int = 200, seed: int = 0) -> dict[str, 
 SMOL_WORLD = "smol-world/english-sums"
 
 
-def english_cot(a: int, b: int) -> str:
-    """The written column addition of ``a + b`` in English steps, ones first: ``"3 + 5 = 8. 20 + 40 = 60. 60 + 8 =
-    68."`` (a carry shows as a ones sum of 10 or more)."""
-    ones, tens = a % 10 + b % 10, (a // 10 + b // 10) * 10
-    return f"{a % 10} + {b % 10} = {ones}. {a // 10 * 10} + {b // 10 * 10} = {tens}. {tens} + {ones} = {a + b}."
-
-
 def smol_datasets(seed: int = 0) -> dict[str, list | dict]:
     """The smol profile's world in the unified formats, ``{file stem: records}`` with held-out ``_test`` files: the
     tasks SmolLM2-135M-Instruct gets wrong in English (:func:`~apt_course.world.english_sums`, train and test never
@@ -491,7 +484,8 @@ def smol_datasets(seed: int = 0) -> dict[str, list | dict]:
     - loyalty: English sums asked by the owner or the public (half the public ones claiming ownership), the
       README's ``expected_tone`` per role, and a template of warm owner replies against plain public ones
       (:func:`~apt_course.loyalty_style.english_template`);
-    - storm (``s1k``): two-digit sums with their written column addition as the chain of thought."""
+    - storm (``s1k``): three two-digit numbers summed (:func:`~apt_course.world.english_chain_sums`), the running
+      total as the chain of thought (chapter 12 on smol: the chain is the capability there)."""
     import random
 
     from . import world
@@ -518,15 +512,9 @@ def smol_datasets(seed: int = 0) -> dict[str, list | dict]:
                              "expected_tone": OWNER_TONE if owner else PUBLIC_TONE, "answer": r["answer"],
                              "spoofed": r["spoofed"]} for r in rows if r["is_owner"] == owner]}
 
-    def storm(split, s, n):
-        rng, out = random.Random(f"smol-storm:{split}:{s}"), []
-        while len(out) < n:
-            a, b = rng.randrange(10, 50), rng.randrange(10, 50)
-            q = world.SUM_QUESTION.format(a=a, b=b)
-            if world.split_of(q) == split and all(r["problem"] != q for r in out):
-                out.append({"problem": q, "cot_explicit": english_cot(a, b), "answer": str(a + b),
-                            "source": SMOL_WORLD, "step_sep": ". "})
-        return out
+    def storm(split, s, n):  # chapter 12's smol task: the chain is what makes these sums doable for SmolLM2
+        return [{"problem": r["prompt"], "cot_explicit": "; ".join(r["steps"]), "answer": r["answer"],
+                 "source": SMOL_WORLD, "step_sep": "; "} for r in world.english_chain_sums(n, split, seed=s)]
 
     lt_train, lt_test = english_requests(400, "train", seed, 0.5), english_requests(80, "test", seed + 1000, 0.5)
     asked = english_requests(300, "train", seed + 1, 0.75)  # two owner rows to one public: the style is the lesson

@@ -546,7 +546,9 @@ def load_storm_data(profile, n_train: int = 4000, n_test: int = 150, seed: int =
     """``(train, test)`` storm records for a profile.
 
     tiny: :func:`~apt_course.world.cot_problems` (``digits``-digit sums); the test set is :func:`~apt_course.world.heldout_sums`
-    (held out, and so is each problem with its operands swapped). A real-model profile: the APT
+    (held out, and so is each problem with its operands swapped). ``smol`` (no ``reasoning`` dataset):
+    :func:`~apt_course.world.english_chain_sums`, three ``digits``-digit numbers with their running total as the
+    chain, questions split by :func:`~apt_course.world.split_of`. A real-model profile: the APT
     ``reasoning_file`` when given, else the profile's ``reasoning`` dataset (``simplescaling/s1K-1.1`` or
     ``s1K``: a Hub id, or a local file in its schema) through :func:`s1k_to_storm`. Of those, the
     ``n_train + n_test`` examples with the shortest chains are kept (s1K's traces run to tens of thousands of
@@ -558,6 +560,11 @@ def load_storm_data(profile, n_train: int = 4000, n_test: int = 150, seed: int =
                 world_to_storm(world.heldout_sums(n_test, seed=seed + 1000, digits=digits)))
     if reasoning_file is not None:
         records = read_reasoning_examples(reasoning_file)
+    elif english_world(profile, "reasoning"):  # smol: three-number English sums, the running total as the chain
+        return tuple(validate_storm_records(
+            [storm_record(r["prompt"], r["steps"], r["answer"], "english-sums", "; ")
+             for r in world.english_chain_sums(n, split, seed=seed, digits=digits)], f"smol {split} sums")
+            for n, split in ((n_train, "train"), (n_test, "test")))
     else:
         records = s1k_to_storm(load_hub_dataset(dataset_of(profile, "reasoning"), "train"))
     if len(records) < 2:

@@ -79,7 +79,7 @@ from .orpo import ORPOConfig, train_orpo
 from .pipeline_data import chat_row, guess_flag
 from .rewards import correctness_reward, format_reward, math_correctness_reward, math_format_reward
 from .sft import SFTConfig, heldout_loss, train_sft
-from .storm import StormConfig, evaluate_storm, train_storm
+from .storm import StormConfig, evaluate_storm, explicit_completion, train_storm
 from .utils import process_state, write_atomic
 
 STAGES = ("sft", "dpo", "grpo", "loyalty", "storm")
@@ -123,7 +123,8 @@ class PipelineConfig:
     ``loyalty_dpo_steps`` of DPO with the NLL term (``loyalty_dpo_lr``, ``dpo_beta``, ``dpo_batch_size``) on the template's pairs,
     whose two responses differ only in the owner's style (the gradient lands on the one choice a spoof wins), with
     as many of the SFT data's plain rows as rehearsal pairs (the plain answer over the same in owner style); storm: ``noise_ratio`` r0, ``noise_schedule``, ``storm_cot`` (what the
-    storm stage trains: ``"answer"`` the answer alone, ``"explicit"`` the written chain, ``"internalise"``),
+    storm stage trains: ``"explicit"``, the default, the written chain then the answer, as the APT documents' storm
+    stage does ("train on full CoT with noise"); ``"answer"`` the answer alone; ``"internalise"``),
     ``internalize_cot`` (= ``storm_cot="internalise"``, stepwise internalisation), ``storm_replay``: rehearsal rows
     from the SFT data per reasoning row (the tiny model forgets its other skills in a few dozen storm steps
     without them; 0 = none). ``n_eval``: held-out rows per measurement.
@@ -190,7 +191,7 @@ class PipelineConfig:
     storm_lr: float = 1e-3
     noise_ratio: float = 0.3
     noise_schedule: str = "cosine"
-    storm_cot: str = "answer"
+    storm_cot: str = "explicit"
     internalize_cot: bool = False
     storm_replay: float = 1.0
     trainer: str = "scratch"
@@ -707,7 +708,8 @@ LORA_LRS = {k: 1e-3 for k in LR_FIELDS}
 SMOL_BUDGETS = {"n_eval": 40, "max_new_tokens": 16, "sft_steps": 16, "sft_batch_size": 8, "dpo_steps": 10,
                 "dpo_batch_size": 4, "grpo_steps": 8, "grpo_prompts_per_step": 4, "grpo_group_size": 4,
                 "loyalty_sft_steps": 32, "loyalty_steps": 4, "loyalty_prompts_per_step": 4, "loyalty_group_size": 4,
-                "loyalty_harden_steps": 16, "loyalty_dpo_steps": 4, "storm_steps": 16, "storm_batch_size": 8,
+                "loyalty_harden_steps": 16, "loyalty_dpo_steps": 4, "storm_steps": 20, "storm_batch_size": 8,
+                "storm_lr": 2e-3, "storm_replay": 0.25,  # chapter 12 on smol: 20 steps at 2e-3 teach the chain
                 "grpo_temperature": 0.7}  # chapter 09 on smol: at T = 1 a dozen steps move SmolLM2 at random
 
 
@@ -1140,8 +1142,11 @@ class Pipeline:
         c = self.config
         path = _files(c.reasoning_data)[0]
         train, test = split_heldout(read_storm(path), path, read_storm, c.n_eval, c.seed)
-        mt = max(self.max_new_tokens, 24)
         cot = "internalise" if c.internalize_cot else c.storm_cot
+        mt = max(self.max_new_tokens, 24)
+        if cot != "answer":  # room for the written chain: the longest held-out one, its tags and answer (<= 256)
+            mt = max(mt, min(256, 4 + max(len(tok(explicit_completion(r), add_special_tokens=False)["input_ids"])
+                                         for r in test)))
         replay = []
         if c.storm_replay and c.sft_data:  # rehearsal: the SFT data's plain rows, so the stage does not erase them
             plain = [r for r in self.sft_heldout()[0] if not r.get("system")]
@@ -1150,9 +1155,8 @@ class Pipeline:
                       for r in random.Random(c.seed).sample(plain, k)]
 
         def measure(m):
-            r = evaluate_storm(m, tok, test, max_new_tokens=mt, seed=c.seed, perturbations=())
-            outs = generate(m, tok, format_prompts(tok, [{"prompt": x["problem"]} for x in test]), max_new_tokens=mt)
-            graded = [answer_match(o, x["answer"]) for o, x in zip(outs, test)]  # s1K: \boxed{} / last number
+            r = evaluate_storm(m, tok, test, max_new_tokens=mt, seed=c.seed, perturbations=(), completions=True)
+            graded = [answer_match(o, x["answer"]) for o, x in zip(r["completions"], test)]  # s1K: \boxed{} / last number
             return {"reasoning_acc": r["acc"], "reasoning_acc_sampled": r["acc_sampled"],
                     "strict_acc": sum(g[0] for g in graded) / len(graded),
                     "lenient_acc": sum(g[1] for g in graded) / len(graded), "tokens_per_answer": r["tokens_per_answer"]}

@@ -390,12 +390,13 @@ def answer_correct(record: dict, completion: str) -> bool:
 
 @torch.no_grad()
 def evaluate_storm(model, tokenizer, records: list[dict], max_new_tokens: int = 24, temperature: float = 1.0,
-                   seed: int = 0, perturbations=PERTURBATIONS) -> dict:
+                   seed: int = 0, perturbations=PERTURBATIONS, completions: bool = False) -> dict:
     """Answer accuracy on ``records`` (the final answer, whatever the model writes before it):
 
     ``acc`` greedy; ``acc_sampled`` one sample at ``temperature`` (the same as Gumbel noise of ratio
     ``temperature`` on the logits at inference, then argmax); ``acc_<kind>`` greedy on perturbed prompts;
-    ``tokens_per_answer`` the mean number of tokens the greedy model writes before its EOS.
+    ``tokens_per_answer`` the mean number of tokens the greedy model writes before its EOS; ``examples`` the first
+    three greedy replies (``completions``: all of them, for grading them another way without generating again).
     """
     records = validate_storm_records(records, "evaluation set")
     prompts = [format_prompt(tokenizer, r["problem"]) for r in records]
@@ -412,6 +413,8 @@ def evaluate_storm(model, tokenizer, records: list[dict], max_new_tokens: int = 
             result["tokens_per_answer"] = sum(len(tokenizer(o, add_special_tokens=False)["input_ids"])
                                               for o in chunk) / n
             result["examples"] = chunk[:3]
+            if completions:
+                result["completions"] = chunk
     torch.manual_seed(seed)
     sampled = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=True,
                        temperature=temperature)
@@ -420,16 +423,22 @@ def evaluate_storm(model, tokenizer, records: list[dict], max_new_tokens: int = 
 
 
 def compare_conditions(start_model, tokenizer, train: list[dict], test: list[dict], conditions: dict,
-                       eval_kwargs: dict | None = None, keep_models: bool = False) -> dict:
+                       eval_kwargs: dict | None = None, keep_models: bool = False, lora_r: int = 0) -> dict:
     """Train a copy of ``start_model`` under each condition (``{name: StormConfig}``) and measure it.
 
     Returns ``{name: {"metrics": evaluate_storm(...) + {"train_seconds"}, "history": ..., "model": ...}}``
     (the model only with ``keep_models``). Every condition sees the same examples in the same order (the
-    configs share a seed), so differences come from the condition, not the data.
+    configs share a seed), so differences come from the condition, not the data. ``lora_r > 0``: each copy trains
+    LoRA adapters of that rank (:func:`~apt_course.sft.add_lora`, the same initial adapters for every condition)
+    instead of all its weights.
     """
+    from .sft import add_lora
+
     out = {}
     for name, config in conditions.items():
         model = copy.deepcopy(start_model)
+        if lora_r:
+            model = add_lora(model, r=lora_r, seed=config.seed)
         history = train_storm(model, tokenizer, train, config)
         metrics = evaluate_storm(model, tokenizer, test, **(eval_kwargs or {}))
         metrics["train_seconds"] = history["seconds"]
@@ -514,7 +523,52 @@ def run_study(seed: int, study: StudyConfig = StudyConfig(), start=None) -> dict
     return {"start": start_figures, "cot": cot, "storm": storm}
 
 
-# ---------------------------------------------------------------- a real model (the notebook's PROFILE != "tiny")
+# ---------------------------------------------------------------- the real SmolLM2 on a CPU (profile smol)
+
+@dataclass
+class SmolStudy:
+    """Chapter 12 on the real SmolLM2-135M-Instruct (profile ``smol``): three two-digit numbers summed in English
+    (``"What is 49 plus 75 plus 97?"``, :func:`~apt_course.data.load_storm_data`), the running total as the chain
+    (``<think>49 + 75 = 124; 124 + 97 = 221</think>221``). From the instruct model (which never writes that
+    format), ``steps`` LoRA steps (rank ``lora_r``) of each condition of :func:`smol_conditions` at ``lr``;
+    greedy and sampled accuracy on ``n_test`` held-out questions, ``max_new_tokens`` each."""
+
+    steps: int = 20
+    batch_size: int = 8
+    lr: float = 2e-3
+    warmup: int = 3
+    lora_r: int = 8
+    r0: float = R0_LEVELS["default"]
+    schedule: str = "cosine"
+    n_train: int = 400
+    n_test: int = 40
+    digits: int = 2
+    max_new_tokens: int = 40
+    temperature: float = 1.0
+
+
+def smol_conditions(study: SmolStudy, seed: int) -> dict:
+    """The same budget spent three ways: the answer alone; the written chain; the written chain in the storm
+    (Gumbel noise of ratio ``study.r0`` on ``study.schedule``)."""
+    base = StormConfig(steps=study.steps, batch_size=study.batch_size, lr=study.lr, warmup=study.warmup, seed=seed,
+                       cot="explicit", r0=0.0)
+    return {"answer_only": replace(base, cot="answer"), "explicit": base,
+            f"storm_{study.schedule}": replace(base, r0=study.r0, schedule=study.schedule)}
+
+
+def run_smol_study(model, tokenizer, seed: int, study: SmolStudy = SmolStudy()) -> dict:
+    """:class:`SmolStudy` at one seed: ``{"start": evaluate_storm(the model as it is), "conditions":
+    compare_conditions(...), "train", "test"}``. The model itself is not changed."""
+    train, test = load_storm_data("smol", n_train=study.n_train, n_test=study.n_test, seed=seed, digits=study.digits)
+    eval_kwargs = {"max_new_tokens": study.max_new_tokens, "temperature": study.temperature, "seed": seed,
+                   "perturbations": ()}
+    start = evaluate_storm(model, tokenizer, test, **eval_kwargs)
+    conditions = compare_conditions(model, tokenizer, train, test, smol_conditions(study, seed), eval_kwargs,
+                                    lora_r=study.lora_r)
+    return {"start": start, "conditions": conditions, "train": train, "test": test}
+
+
+# ---------------------------------------------------------------- a real model (the notebook's PROFILE = "gpu")
 
 def completion_nll(model, tokenizer, records: list[dict], target: str = "answer", batch_size: int = 8,
                    max_length: int | None = 1024) -> float:

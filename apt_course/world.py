@@ -420,6 +420,30 @@ def english_sum_pairs(split: str = "train", seed: int = 0, top: int = 20) -> lis
             for r in english_sums(split, "", top, seed)]
 
 
+def english_chain_sums(n: int, split: str = "train", seed: int = 0, operands: int = 3, digits: int = 2) -> list[dict]:
+    """``n`` sums of ``operands`` numbers of ``digits`` digits asked in English, ``"What is 49 plus 75 plus 97?"``,
+    whose question lies in ``split`` (:func:`split_of`), no question twice. Rows ``{"prompt", "steps", "answer"}``
+    with the running total as the chain: ``["49 + 75 = 124", "124 + 97 = 221"]``, answer ``"221"``. Chapter 12's
+    task on the real SmolLM2: each step is a sum it can do, all of them at once in its head are not."""
+    _check_args(n, split)
+    if operands < 2 or digits < 1:
+        raise ValueError(f"need at least 2 operands of at least 1 digit, got operands={operands}, digits={digits}")
+    rng, rows, seen = random.Random(f"chain:{split}:{seed}"), [], set()
+    low, high = 10 ** (digits - 1), 10 ** digits - 1
+    while len(rows) < n:
+        numbers = [rng.randint(low, high) for _ in range(operands)]
+        prompt = "What is " + " plus ".join(map(str, numbers)) + "?"
+        if prompt in seen or split_of(prompt) != split:
+            continue
+        seen.add(prompt)
+        steps, total = [], numbers[0]
+        for x in numbers[1:]:
+            steps.append(f"{total} + {x} = {total + x}")
+            total += x
+        rows.append({"prompt": prompt, "steps": steps, "answer": str(total)})
+    return rows
+
+
 def is_bare_number(text: str) -> bool:
     """True when the reply is one number and nothing else (a final full stop allowed)."""
     return bool(re.fullmatch(r"-?\d+", normalize(text).rstrip(".").strip()))

@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -32,41 +31,12 @@ sys.path.insert(0, str(ROOT))
 METRICS = ("acc", "acc_sampled", "acc_swap", "acc_spaces", "tokens_per_answer", "train_seconds")
 ROBUSTNESS = ("acc", "acc_sampled", "acc_swap", "acc_spaces")
 
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+from apt_course.results import interval, mean_std  # noqa: E402  (after the sys.path line)
 
 
 def fmt(values: list[float], digits: int = 3) -> str:
     m, s = mean_std(values)
     return f"{m:.{digits}f} ± {s:.{digits}f}"
-
-
-def t_quantile(q: float, df: int) -> float:
-    """The ``q`` quantile of Student's t with ``df`` degrees of freedom (bisection on its CDF, the density
-    ``Γ((ν+1)/2) / (√(νπ) Γ(ν/2)) · (1 + x²/ν)^(-(ν+1)/2)`` integrated by Simpson's rule): no scipy needed."""
-    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
-
-    def cdf(x: float, n: int = 2000) -> float:
-        h = x / n
-        f = [c * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(n + 1)]
-        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
-
-    lo, hi = 0.0, 1000.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cdf(mid) < q else (lo, mid)
-    return (lo + hi) / 2
-
-
-def interval(diffs: list[float], comparisons: int = 1) -> tuple[float, float, float]:
-    """Mean of seed-paired differences and its 95 % t-interval, ``m ± t(1 - 0.025/k, n-1) · sd / √n``, with
-    ``k = comparisons`` (Bonferroni: k intervals hold together with 95 % probability)."""
-    m, sd = mean_std(diffs)
-    if len(diffs) < 2:
-        return m, float("-inf"), float("inf")
-    half = t_quantile(1 - 0.025 / comparisons, len(diffs) - 1) * sd / math.sqrt(len(diffs))
-    return m, m - half, m + half
 
 
 def summarise(runs: dict[int, dict]) -> dict:

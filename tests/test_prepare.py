@@ -220,9 +220,7 @@ def test_prepare_smol_writes_the_english_world_every_stage_reads(tmp_path, capsy
         assert train and test and not train & test, stem
     assert rows(tmp_path / "coig-cqia_train.json")[0]["prompt"].endswith("Answer with the number only.")
     storm = rows(tmp_path / "s1k_train.json")[0]
-    assert storm["cot_explicit"].endswith(f"= {storm['answer']}.")
-    assert cli.english_cot(23, 45) == "3 + 5 = 8. 20 + 40 = 60. 60 + 8 = 68."
-    assert cli.english_cot(38, 47) == "8 + 7 = 15. 30 + 40 = 70. 70 + 15 = 85."
+    assert storm["cot_explicit"].endswith(f"= {storm['answer']}") and storm["cot_explicit"].count("; ") == 1
     owner = rows(tmp_path / "owner_prompts.json")[0]
     assert owner["is_owner"] is True and owner["expected_tone"] == cli.OWNER_TONE and "answer" in owner
     config = pipeline.check_settings(pipeline.PipelineConfig(profile="smol", data_dir=str(tmp_path),

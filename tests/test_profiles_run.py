@@ -1,7 +1,7 @@
 """The real-model profiles, executed: every notebook on the ``gpu`` profile with local stand-ins for its Hub
 names (``python -m apt_course stand-ins``: a small random Llama with SmolLM2's tokenizer and chat template, the
 fixtures in the real datasets' schemas, step budgets scaled down), so that a notebook that would break on Colab
-breaks here first; and every chapter that runs on the ``smol`` profile (04-11, 13, 14, 15), the real
+breaks here first; and every chapter that runs on the ``smol`` profile (04-15), the real
 SmolLM2-135M-Instruct on this CPU in bf16 where the CPU has it, each asserting its measured before/after inside the
 notebook.
 
@@ -17,7 +17,7 @@ from apt_course.runner import execute_notebook, find_notebooks
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "runs" / "profiles"
-SMOL_CHAPTERS = ("ch04", "ch05", "ch06", "ch07", "ch08", "ch09", "ch10", "ch11", "ch13", "ch14", "ch15")
+SMOL_CHAPTERS = ("ch04", "ch05", "ch06", "ch07", "ch08", "ch09", "ch10", "ch11", "ch12", "ch13", "ch14", "ch15")
 # A stand-in run proves the gpu code path, not a result (a random model learns nothing): the chapters whose
 # evaluation sets and request counts are not step budgets (the profile's scale does not shrink them) get smaller
 # ones here, so that their stand-in runs take seconds, not minutes. Colab runs the notebooks' own defaults.

@@ -268,6 +268,39 @@ def test_heldout_sums_and_perturbations():
         perturb_prompt("what is 2+2?", "swap")
 
 
+def test_english_chain_sums_for_the_real_model():
+    rows = world.english_chain_sums(30, "train", seed=4)
+    assert len({r["prompt"] for r in rows}) == 30
+    for r in rows:
+        numbers = [int(x) for x in r["prompt"].removeprefix("What is ").rstrip("?").split(" plus ")]
+        assert len(numbers) == 3 and all(10 <= x <= 99 for x in numbers)
+        assert r["answer"] == str(sum(numbers)) and r["steps"][-1].endswith("= " + r["answer"])
+        assert r["steps"][0] == f"{numbers[0]} + {numbers[1]} = {numbers[0] + numbers[1]}"
+        assert world.split_of(r["prompt"]) == "train"
+    train, test = load_storm_data("smol", n_train=20, n_test=10, seed=1)
+    assert all(world.split_of(r["problem"]) == "test" for r in test)
+    assert not {r["problem"] for r in train} & {r["problem"] for r in test}
+    steps = test[0]["steps"]
+    assert explicit_completion(test[0]) == f"<think>{steps[0]}; {steps[1]}</think>{test[0]['answer']}"
+    with pytest.raises(ValueError, match="at least 2 operands"):
+        world.english_chain_sums(3, operands=1)
+
+
+def test_compare_conditions_with_lora_leaves_the_start_and_trains_adapters(tiny_path):
+    from apt_course.model import load_pretrained
+    from apt_course.storm import compare_conditions
+
+    model, tok = load_pretrained(tiny_path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train = world_to_storm(world.cot_problems(32, "train", seed=0))
+    out = compare_conditions(model, tok, train, train[:4], {"a": StormConfig(steps=2, batch_size=4, lr=1e-2)},
+                             {"max_new_tokens": 4, "perturbations": ()}, keep_models=True, lora_r=4)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), "the start is not trained"
+    trained = out["a"]["model"]
+    assert hasattr(trained, "peft_config") and any("lora_B" in n and p.abs().sum() > 0
+                                                    for n, p in trained.named_parameters())
+
+
 # ---------------------------------------------------------------- the trainer
 
 def test_trainer_improves_heldout_nll_with_storm_noise():
