@@ -94,19 +94,25 @@ def format_report(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def sweep_ranges(chapter: str, metrics, profile: str = "tiny", path: str | Path | None = None) -> dict:
-    """``{metric: (min, max, seeds)}`` over the recorded seed sweep of ``chapter`` (``benchmarks/results/
-    seed_sweep.json``, or ``<profile>_sweep.json``): what every seed reached, for prose that quotes the sweep. A
-    metric the sweep did not record is left out; no sweep file (an installed package, no checkout) gives ``{}``."""
+def sweep_rows(chapter: str, profile: str = "tiny", path: str | Path | None = None) -> list[dict]:
+    """The successful runs of ``chapter`` in the recorded seed sweep (``benchmarks/results/seed_sweep.json``, or
+    ``<profile>_sweep.json``), each ``{"chapter", "seed", "seconds", "status", "metrics"}``; no sweep file (an
+    installed package, no checkout) gives ``[]``."""
     if path is None:
         root = repo_root()
         if root is None:
-            return {}
+            return []
         path = root / "benchmarks" / "results" / ("seed_sweep.json" if profile == "tiny" else f"{profile}_sweep.json")
     path = Path(path)
     if not path.exists():
-        return {}
-    rows = [r for r in json.loads(path.read_text()) if r.get("chapter") == chapter and r.get("status") == "ok"]
+        return []
+    return [r for r in json.loads(path.read_text()) if r.get("chapter") == chapter and r.get("status") == "ok"]
+
+
+def sweep_ranges(chapter: str, metrics, profile: str = "tiny", path: str | Path | None = None) -> dict:
+    """``{metric: (min, max, seeds)}`` over :func:`sweep_rows`: what every seed reached, for prose that quotes the
+    sweep. A metric the sweep did not record is left out; no sweep file gives ``{}``."""
+    rows = sweep_rows(chapter, profile, path)
     ranges = {}
     for name in metrics:
         values = [r["metrics"][name] for r in rows if name in r.get("metrics", {})]
@@ -137,6 +143,12 @@ def t_quantile(q: float, df: int) -> float:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if cdf(mid) < q else (lo, mid)
     return (lo + hi) / 2
+
+
+def interval_verdict(low: float, high: float) -> str:
+    """What an interval on a difference says: ``"better"`` (above 0), ``"worse"`` (below 0), else ``"no difference
+    detected"``."""
+    return "better" if low > 0 else "worse" if high < 0 else "no difference detected"
 
 
 def interval(diffs: list[float], comparisons: int = 1) -> tuple[float, float, float]:

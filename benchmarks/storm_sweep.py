@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 METRICS = ("acc", "acc_sampled", "acc_swap", "acc_spaces", "tokens_per_answer", "train_seconds")
 ROBUSTNESS = ("acc", "acc_sampled", "acc_swap", "acc_spaces")
 
-from apt_course.results import interval, mean_std  # noqa: E402  (after the sys.path line)
+from apt_course.results import interval, interval_verdict, mean_std  # noqa: E402  (after the sys.path line)
 
 
 def fmt(values: list[float], digits: int = 3) -> str:
@@ -85,8 +85,7 @@ def claims(summary: dict) -> dict:
             entry[metric] = {"better": sum(d > 0 for d in diffs), "worse": sum(d < 0 for d in diffs),
                              "mean_diff": m, "std_diff": mean_std(diffs)[1], "low": low, "high": high,
                              "family_low": fam_low, "family_high": fam_high,
-                             "verdict": "better" if fam_low > 0 else "worse" if fam_high < 0
-                             else "no difference detected"}
+                             "verdict": interval_verdict(fam_low, fam_high)}
         result["noise_vs_noise_free"][name] = entry
     return result
 
