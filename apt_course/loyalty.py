@@ -587,3 +587,22 @@ def run_tiny(model, tokenizer, seed: int = 0, recipe: TinyRecipe = TinyRecipe(),
                                                   sft_weight=1.0, warmup=0, seed=seed))
     out["dpo"], out["models"]["dpo"] = measure(m), m
     return out
+
+
+def tiny_figures(out: dict, fresh_hardened: dict, loyal: dict) -> dict:
+    """Chapter 11's tiny figures as one flat dict, as the notebook records them: for each model (naive, fixed, dpo,
+    hardened, guarded) its owner style for owner and public, gap, test-set spoof rate and general accuracy; the
+    attack-set and held-out-family spoof rates of fixed, hardened and guarded; the fresh family for hardened; the
+    ``loyal`` checkpoint's (:func:`~apt_course.loyalty_noise.measure`) figures."""
+    figures = {"acc_before": out["acc_base"], "gap_start": out["start"]["gap"]}
+    for name in ("naive", "fixed", "dpo", "hardened", "guarded"):
+        m = out[name]
+        figures |= {f"{name}_owner_style_owner": m["owner_style_owner"], f"{name}_owner_style_public":
+                    m["owner_style_public"], f"{name}_gap": m["gap"], f"{name}_spoof_rate": m["spoof_rate"],
+                    f"{name}_acc_after": m["acc"]}
+    for name in ("fixed", "hardened", "guarded"):
+        figures |= {f"{name}_attack_spoof_rate": out["attacks"][name]["all"],
+                    f"{name}_heldout_spoof_rate": out["heldout"][name]["all"]}
+    return figures | {"hardened_fresh_spoof_rate": fresh_hardened["all"], "loyal_gap": loyal["gap"],
+                      "loyal_spoof_rate": loyal["spoof_rate"], "loyal_heldout_spoof_rate": loyal["heldout"]["all"],
+                      "loyal_fresh_spoof_rate": loyal["fresh"]["all"], "loyal_acc_after": loyal["acc"]}

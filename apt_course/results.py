@@ -121,6 +121,29 @@ def sweep_ranges(chapter: str, metrics, profile: str = "tiny", path: str | Path 
     return ranges
 
 
+_COMPARE = {">=": lambda v, b: v >= b, "<=": lambda v, b: v <= b, "==": lambda v, b: v == b,
+            ">": lambda v, b: v > b, "<": lambda v, b: v < b}
+
+
+def check_floors(checks: dict[str, tuple], source: str = "FINDINGS.md") -> None:
+    """A notebook's floors in one call: ``checks`` maps a label to ``(measured, op, bound)``, op one of
+    ``>= <= == > <``. Prints one line per check (value, bound, ``ok`` or ``FAILED``), then raises one
+    ``AssertionError`` naming every check that failed and where the bounds come from (``source``)."""
+    bad = [op for _, op, _ in checks.values() if op not in _COMPARE]
+    if bad:
+        raise ValueError(f"unknown comparison {bad[0]!r}: use one of {sorted(_COMPARE)}")
+    width = max((len(label) for label in checks), default=0)
+    failed = []
+    for label, (value, op, bound) in checks.items():
+        ok = _COMPARE[op](value, bound)
+        print(f"  {label:{width}}  {value:8.4g}  {op} {bound:<7g} {'ok' if ok else 'FAILED'}")
+        if not ok:
+            failed.append(f"{label}: {value:.4g}, wanted {op} {bound:g}")
+    if failed:
+        raise AssertionError(f"{len(failed)} of {len(checks)} checks failed ({'; '.join(failed)}); the bounds and "
+                             f"the seeds they come from: {source}")
+
+
 # ---------------------------------------------------------------- seed-paired differences
 
 def mean_std(values: list[float]) -> tuple[float, float]:
