@@ -136,7 +136,7 @@ def check_floors(checks: dict[str, tuple], source: str = "FINDINGS.md") -> None:
     failed = []
     for label, (value, op, bound) in checks.items():
         ok = _COMPARE[op](value, bound)
-        print(f"  {label:{width}}  {value:8.4g}  {op} {bound:<7g} {'ok' if ok else 'FAILED'}")
+        print(f"  {label:{width}}  {value:9.4g}  {op:>2} {bound:<8g} {'ok' if ok else 'FAILED'}")
         if not ok:
             failed.append(f"{label}: {value:.4g}, wanted {op} {bound:g}")
     if failed:
