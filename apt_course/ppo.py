@@ -52,6 +52,17 @@ def compute_gae(rewards, values, dones, last_value, gamma: float, gae_lambda: fl
     return adv, adv + values
 
 
+def approx_kl(log_ratio: torch.Tensor) -> float:
+    """PPO's diagnostic KL(π_old || π_new) from ``log_ratio = log π_new - log π_old`` on actions sampled from π_old:
+    the mean of k3 = (r - 1) - log r, r = e^log_ratio (never negative; its expectation is the KL)."""
+    return ((log_ratio.exp() - 1) - log_ratio).mean().item()
+
+
+def clip_fraction(log_ratio: torch.Tensor, epsilon: float) -> float:
+    """The share of samples whose ratio r = e^log_ratio lies outside [1 - ε, 1 + ε], where the clip is active."""
+    return ((log_ratio.exp() - 1).abs() > epsilon).float().mean().item()
+
+
 def ppo_policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                     epsilon: float) -> torch.Tensor:
     """Clipped surrogate loss: -mean(min(r A, clip(r, 1 - ε, 1 + ε) A)), r = exp(new_logp - old_logp)."""
@@ -240,8 +251,8 @@ def train_ppo(env_fn=cartpole_fn, config: PPOConfig = PPOConfig(), progress: boo
                 new_logp, entropy = dist.log_prob(b_act[mb]), dist.entropy().mean()
                 log_ratio = new_logp - b_logp[mb]
                 with torch.no_grad():  # diagnostics: KL(old || new) estimate (k3) and how often the clip is active
-                    kls.append(((log_ratio.exp() - 1) - log_ratio).mean().item())
-                    clipfracs.append(((log_ratio.exp() - 1).abs() > c.epsilon).float().mean().item())
+                    kls.append(approx_kl(log_ratio))
+                    clipfracs.append(clip_fraction(log_ratio, c.epsilon))
                 mb_adv = b_adv[mb]
                 if c.norm_adv:
                     mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)

@@ -39,7 +39,7 @@ from .lm import (
     prompt_rows,
     sample_groups,
 )
-from .ppo import compute_gae, explained_variance, ppo_policy_loss, ppo_value_loss
+from .ppo import approx_kl, clip_fraction, compute_gae, explained_variance, ppo_policy_loss, ppo_value_loss
 from .training import make_optimizer, optimizer_step, progress
 
 
@@ -217,8 +217,8 @@ def train_rlhf(policy: PolicyWithValue, ref_model, tokenizer, prompts, reward_fn
                 optimizer_step(loss, policy, opt, sched, config.max_grad_norm)
                 with torch.no_grad():
                     log_ratio = logp[m] - old_logp[mb][m]
-                    stats["approx_kl"].append(((log_ratio.exp() - 1) - log_ratio).mean().item())
-                    stats["clip_fraction"].append(((log_ratio.exp() - 1).abs() > config.epsilon).float().mean().item())
+                    stats["approx_kl"].append(approx_kl(log_ratio))
+                    stats["clip_fraction"].append(clip_fraction(log_ratio, config.epsilon))
         history["step"].append(step)
         history["score"].append(scores.mean().item())
         history["kl"].append(((old_logp - ref_logp) * mask).sum(1).mean().item())

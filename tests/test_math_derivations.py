@@ -6,12 +6,13 @@ expectation is a finite sum and every check is an equality, not a Monte-Carlo to
 
 import itertools
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from apt_course.dpo import dpo_loss
 from apt_course.grpo import kl_k3
-from apt_course.ppo import ppo_value_loss
+from apt_course.ppo import approx_kl, clip_fraction, ppo_value_loss
 from apt_course.reinforce import reinforce_loss, returns_to_go
 
 F64 = torch.float64  # every tensor here: exact sums, tight comparisons
@@ -74,10 +75,12 @@ def test_ch03_approx_kl_is_k3_and_estimates_kl_old_new():
     g = torch.Generator().manual_seed(2)
     old, new = torch.log_softmax(randn(7, g=g), 0), torch.log_softmax(randn(7, g=g), 0)
     log_r = new - old
-    approx = (log_r.exp() - 1) - log_r  # what train_ppo logs per sample
+    approx = (log_r.exp() - 1) - log_r  # per sample; train_ppo and train_rlhf_ppo log its mean (ppo.approx_kl)
     torch.testing.assert_close(approx, kl_k3(old, new))
     assert (approx >= 0).all()
     torch.testing.assert_close((old.exp() * approx).sum(), F.kl_div(new, old, log_target=True, reduction="sum"))
+    assert approx_kl(log_r) == pytest.approx(approx.mean().item())
+    assert clip_fraction(torch.log(torch.tensor([0.7, 0.9, 1.0, 1.1, 1.3])), 0.2) == pytest.approx(0.4)
 
 
 def test_ch03_clipped_value_loss_is_the_written_formula():
