@@ -513,8 +513,8 @@ def smol_datasets(seed: int = 0) -> dict[str, list | dict]:
                              "spoofed": r["spoofed"]} for r in rows if r["is_owner"] == owner]}
 
     def storm(split, s, n):  # chapter 12's smol task: the chain is what makes these sums doable for SmolLM2
-        return [{"problem": r["prompt"], "cot_explicit": "; ".join(r["steps"]), "answer": r["answer"],
-                 "source": SMOL_WORLD, "step_sep": "; "} for r in world.english_chain_sums(n, split, seed=s)]
+        return [{"problem": r["prompt"], "cot_explicit": world.CHAIN_SEP.join(r["steps"]), "answer": r["answer"],
+                 "source": SMOL_WORLD, "step_sep": world.CHAIN_SEP} for r in world.english_chain_sums(n, split, seed=s)]
 
     lt_train, lt_test = english_requests(400, "train", seed, 0.5), english_requests(80, "test", seed + 1000, 0.5)
     asked = english_requests(300, "train", seed + 1, 0.75)  # two owner rows to one public: the style is the lesson

@@ -562,7 +562,7 @@ def load_storm_data(profile, n_train: int = 4000, n_test: int = 150, seed: int =
         records = read_reasoning_examples(reasoning_file)
     elif english_world(profile, "reasoning"):  # smol: three-number English sums, the running total as the chain
         return tuple(validate_storm_records(
-            [storm_record(r["prompt"], r["steps"], r["answer"], "english-sums", "; ")
+            [storm_record(r["prompt"], r["steps"], r["answer"], "english-sums", world.CHAIN_SEP)
              for r in world.english_chain_sums(n, split, seed=seed, digits=digits)], f"smol {split} sums")
             for n, split in ((n_train, "train"), (n_test, "test")))
     else:

@@ -420,6 +420,9 @@ def english_sum_pairs(split: str = "train", seed: int = 0, top: int = 20) -> lis
             for r in english_sums(split, "", top, seed)]
 
 
+CHAIN_SEP = "; "  # joins english_chain_sums' steps into the written chain, wherever it is written
+
+
 def english_chain_sums(n: int, split: str = "train", seed: int = 0, operands: int = 3, digits: int = 2) -> list[dict]:
     """``n`` sums of ``operands`` numbers of ``digits`` digits asked in English, ``"What is 49 plus 75 plus 97?"``,
     whose question lies in ``split`` (:func:`split_of`), no question twice. Rows ``{"prompt", "steps", "answer"}``
