@@ -171,10 +171,13 @@ SMOL_HEADLINES = {
 }
 
 
-def run_one(chapter: str, seed: int, timeout: int, profile: str = "tiny") -> dict:
-    """Execute one notebook at one seed in a fresh process; returns its record (or the failure)."""
+def run_one(chapter: str, seed: int, timeout: int, profile: str = "tiny", threads: int = 0) -> dict:
+    """Execute one notebook at one seed in a fresh process with ``threads`` torch threads (0: the notebook's own
+    choice, or ``$APT_COURSE_THREADS``); returns its record (or the failure)."""
     with tempfile.TemporaryDirectory() as results:
         env = dict(os.environ, APT_COURSE_RESULTS=results, APT_COURSE_QUIET="1")
+        if threads:
+            env["APT_COURSE_THREADS"] = str(threads)
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "apt_course", "run", chapter, "--seed", str(seed),
                                "--profile", profile, "--out", str(ROOT / "runs" / f"{profile}-seed{seed}")],
@@ -267,9 +270,12 @@ def main() -> int:
         from apt_course.runner import find_notebooks
 
         jobs = [(p.stem, s) for p in find_notebooks(args.chapters or None) for s in args.seeds]
+        # several notebooks at a time share the cores: each gets its share, unless APT_COURSE_THREADS says otherwise
+        # (on 2 cores, two notebooks of 2 threads each took about twice as long as two of 1)
+        threads = 0 if os.environ.get("APT_COURSE_THREADS") else max(1, (os.cpu_count() or 1) // args.jobs)
         new = []
         with ThreadPoolExecutor(args.jobs) as pool:
-            for r in pool.map(lambda job: run_one(*job, args.timeout, args.profile), jobs):
+            for r in pool.map(lambda job: run_one(*job, args.timeout, args.profile, threads), jobs):
                 shown = "  ".join(f"{k}={v:.3g}" for k, v in r["metrics"].items())
                 print(f"{r['chapter']:<22} seed {r['seed']}  {r['seconds']:6.1f} s  {r['status']}  {shown}", flush=True)
                 new.append(r)
