@@ -125,10 +125,11 @@ _COMPARE = {">=": lambda v, b: v >= b, "<=": lambda v, b: v <= b, "==": lambda v
             ">": lambda v, b: v > b, "<": lambda v, b: v < b}
 
 
-def check_floors(checks: dict[str, tuple], source: str = "FINDINGS.md") -> None:
+def check_floors(checks: dict[str, tuple], source: str = "FINDINGS.md") -> str:
     """A notebook's floors in one call: ``checks`` maps a label to ``(measured, op, bound)``, op one of
-    ``>= <= == > <``. Prints one line per check (value, bound, ``ok`` or ``FAILED``), then raises one
-    ``AssertionError`` naming every check that failed and where the bounds come from (``source``)."""
+    ``>= <= == > <``. Prints one line per check (value, bound, ``ok`` or ``FAILED``) and returns ``""`` when
+    every check holds, else one message naming every check that failed and where the bounds come from
+    (``source``). The notebook asserts it: ``failed = check_floors(...)``, then ``assert not failed, failed``."""
     bad = [op for _, op, _ in checks.values() if op not in _COMPARE]
     if bad:
         raise ValueError(f"unknown comparison {bad[0]!r}: use one of {sorted(_COMPARE)}")
@@ -139,9 +140,10 @@ def check_floors(checks: dict[str, tuple], source: str = "FINDINGS.md") -> None:
         print(f"  {label:{width}}  {value:9.4g}  {op:>2} {bound:<8g} {'ok' if ok else 'FAILED'}")
         if not ok:
             failed.append(f"{label}: {value:.4g}, wanted {op} {bound:g}")
-    if failed:
-        raise AssertionError(f"{len(failed)} of {len(checks)} checks failed ({'; '.join(failed)}); the bounds and "
-                             f"the seeds they come from: {source}")
+    if not failed:
+        return ""
+    return (f"{len(failed)} of {len(checks)} checks failed ({'; '.join(failed)}); the bounds and the seeds they come "
+            f"from: {source}")
 
 
 # ---------------------------------------------------------------- seed-paired differences

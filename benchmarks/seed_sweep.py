@@ -268,11 +268,12 @@ def main() -> int:
     rows = json.loads(store.read_text()) if store.exists() else []
     if not args.readme:
         from apt_course.runner import find_notebooks
+        from apt_course.utils import available_cores
 
         jobs = [(p.stem, s) for p in find_notebooks(args.chapters or None) for s in args.seeds]
         # several notebooks at a time share the cores: each gets its share, unless APT_COURSE_THREADS says otherwise
         # (on 2 cores, two notebooks of 2 threads each took about twice as long as two of 1)
-        threads = 0 if os.environ.get("APT_COURSE_THREADS") else max(1, (os.cpu_count() or 1) // args.jobs)
+        threads = 0 if os.environ.get("APT_COURSE_THREADS") else max(1, available_cores() // args.jobs)
         new = []
         with ThreadPoolExecutor(args.jobs) as pool:
             for r in pool.map(lambda job: run_one(*job, args.timeout, args.profile, threads), jobs):

@@ -26,8 +26,23 @@ def test_every_notebook_has_parameters_an_assert_and_records_results():
         code = [c for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code"]
         assert any("parameters" in c.get("metadata", {}).get("tags", []) for c in code), f"{nb.name}: no parameters cell"
         source = "".join("".join(c["source"]) for c in code)
-        assert "assert" in source or "check_floors(" in source, f"{nb.name}: no assert on its result"
+        assert "assert" in source, f"{nb.name}: no assert on its result"
         assert f'ResultsRecorder("{nb.stem}"' in source, f"{nb.name}: record results under its own stem"
+
+
+def test_every_check_floors_result_is_asserted():
+    """check_floors returns its failures: a call whose result is dropped is a check that cannot fail."""
+    import ast
+
+    for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        for cell in json.loads(nb.read_text())["cells"]:
+            source = "".join(cell["source"])
+            if cell["cell_type"] != "code" or "check_floors(" not in source:
+                continue
+            dropped = [n.lineno for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Expr)
+                       and isinstance(n.value, ast.Call) and getattr(n.value.func, "id", None) == "check_floors"]
+            assert not dropped, f"{nb.name}: assert what check_floors returns (failed = check_floors(...); " \
+                                f"assert not failed, failed)"
 
 
 def _assignments(tree):
