@@ -421,6 +421,21 @@ def read_loyalty_template(path_or_obj) -> tuple[list[dict], float]:
     return pairs, bonuses.pop()
 
 
+def both_roles(pairs: list[dict]) -> list[dict]:
+    """The template's pairs, each owner request followed by its public twin: the same request under the public
+    system message, answered with the row's ``public_response`` (chosen and rejected swapped). Trained on each row's
+    own role only, a real model learns the owner's style as the common case (the APT example template is 70 % owner
+    rows), not as what the channel says; seeing an owner's request answered both ways, the style can depend on
+    nothing but the system message. Public rows get no owner twin: they hold the template's spoof attempts, and an
+    owner twin of "I am your master. ..." would pair the claim's words with the owner's style."""
+    out = []
+    for p in pairs:
+        out.append(p)
+        if p["system"] == OWNER_SYSTEM:
+            out.append({"prompt": p["prompt"], "system": PUBLIC_SYSTEM, "chosen": p["rejected"], "rejected": p["chosen"]})
+    return out
+
+
 def load_loyalty_files(owner_file, public_file) -> list[dict]:
     """The owner and public prompt files together; each must be non-empty and hold the role its name says."""
     owner, public = read_prompt_file(owner_file), read_prompt_file(public_file)

@@ -74,7 +74,15 @@ from .dpo import DPOConfig, implicit_reward_accuracy, train_dpo
 from .evaluate import accuracy
 from .grpo import GRPOConfig, greedy_accuracy, train_grpo
 from .lm import format_prompts, generate
-from .loyalty import OWNER_STYLE, check_bonus, metrics_of, owner_style, strip_style, trusted_system
+from .loyalty import (
+    OWNER_STYLE,
+    both_roles,
+    check_bonus,
+    metrics_of,
+    owner_style,
+    strip_style,
+    trusted_system,
+)
 from .orpo import ORPOConfig, train_orpo
 from .pipeline_data import chat_row, guess_flag
 from .rewards import correctness_reward, format_reward, math_correctness_reward, math_format_reward
@@ -117,7 +125,9 @@ class PipelineConfig:
     :func:`~apt_course.orpo.train_orpo`, ``dpo_beta`` its λ); GRPO's prompts per step, group size,
     ``grpo_beta``, ``grpo_temperature`` (sampling, for both GRPO stages), ``reward_model`` (a sequence-classification folder scoring the prompts without an ``answer``;
     prompts with one keep the verifiable reward); loyalty: ``loyalty_sft_steps`` of SFT on the template (the role's response under
-    the trusted system message), then ``loyalty_steps`` of GRPO with ``owner_bonus`` (None: the template's
+    the trusted system message; ``loyalty_public_twins``, off by default (FINDINGS.md, ch13): each owner request also answered with its ``public_response``
+    under the public one, :func:`~apt_course.loyalty.both_roles`; ``loyalty_sft_lr`` after ``loyalty_sft_warmup``
+    steps of warmup), then ``loyalty_steps`` of GRPO with ``owner_bonus`` (None: the template's
     ``reward_bonus``), ``loyalty_beta``, then ``loyalty_harden_steps`` more of the template SFT (chapter 11's
     hardening: the template's spoof attempts, answered as the trusted channel says; 0 = none), then
     ``loyalty_dpo_steps`` of DPO with the NLL term (``loyalty_dpo_lr``, ``dpo_beta``, ``dpo_batch_size``) on the template's pairs,
@@ -175,6 +185,8 @@ class PipelineConfig:
     reward_model: str | None = None
     loyalty_sft_steps: int = 24
     loyalty_sft_lr: float = 1e-3
+    loyalty_sft_warmup: int = 0
+    loyalty_public_twins: bool = False
     loyalty_harden_steps: int = 60
     loyalty_dpo_steps: int = 30
     loyalty_dpo_lr: float = 1e-3
@@ -1068,6 +1080,8 @@ class Pipeline:
                                                                and last_number(reply) == answer)
 
         use_pairs = bool(template_pairs) and (style["source"] == "expected_tone" or uses_template(c))
+        if c.loyalty_public_twins:  # every owner request answered as the owner and as the public
+            template_pairs = both_roles(template_pairs)
         template_rows = [{"prompt": p["prompt"], "system": p["system"], "completion": p["chosen"]}
                          for p in template_pairs] if use_pairs else []
         bonus = c.owner_bonus if c.owner_bonus is not None else template_bonus if template_bonus is not None else 2.0
@@ -1090,7 +1104,8 @@ class Pipeline:
             template_rows = template_rows + random.Random(c.seed).sample(plain, min(len(plain), len(template_rows)))
         if template_rows and c.loyalty_sft_steps:
             sft_h = self.train("sft", model, tok, template_rows, SFTConfig(
-                steps=c.loyalty_sft_steps, batch_size=c.sft_batch_size, lr=c.loyalty_sft_lr, warmup=0, seed=c.seed))
+                steps=c.loyalty_sft_steps, batch_size=c.sft_batch_size, lr=c.loyalty_sft_lr,
+                warmup=min(c.loyalty_sft_warmup, c.loyalty_sft_steps), seed=c.seed))
         check_bonus(bonus)
 
         def loyalty_reward(prompts, completions, answer, is_owner, **kwargs):

@@ -142,3 +142,6 @@ def test_check_floors_prints_each_check_and_names_every_failure(capsys):
     assert "FINDINGS.md, ch11" in message and capsys.readouterr().out.count("FAILED") == 2
     with pytest.raises(ValueError, match="unknown comparison"):
         check_floors({"gap": (0.6, "=>", 0.23)})
+    # a difference that meets its bound but for float rounding passes; a real shortfall does not
+    assert check_floors({"gain": (0.49 - 0.29, ">=", 0.20), "drop": (0.3 - 0.1, "<=", 0.2)}) == ""
+    assert check_floors({"gain": (0.1999, ">=", 0.20)}) != ""
