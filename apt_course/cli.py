@@ -737,10 +737,13 @@ def config_from_args(args) -> PipelineConfig:
         lr = values.pop("lr")
         values = {k: lr for k in pipeline.LR_FIELDS} | values
     config = PipelineConfig.from_dict(values)  # unknown keys -> a clear error
+    named = set(values)
     for f in fields(PipelineConfig):
         value = getattr(args, f.name, None)
         if value is not None:
             setattr(config, f.name, value)
+            named.add(f.name)
+    config.user_set = frozenset(named)  # kept by fit_learning_rates even where it equals a tiny default
     return config
 
 

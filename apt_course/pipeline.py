@@ -747,16 +747,25 @@ def is_real_model(config: PipelineConfig) -> bool:
 def fit_learning_rates(config: PipelineConfig) -> PipelineConfig:
     """Every learning rate left at the tiny model's default becomes :data:`LORA_LRS`'s (LoRA) or
     :data:`REAL_MODEL_LRS`'s (full fine-tuning) on a real model (a rate the user set is kept); on the smol
-    profile every budget left at its default becomes :data:`SMOL_BUDGETS`'s. The plan prints what is in use."""
+    profile every budget left at its default becomes :data:`SMOL_BUDGETS`'s. The plan prints what is in use.
+
+    "Left at its default" is the value, unless ``config.user_set`` names the keys the user gave (``apt-course
+    train`` sets it from its flags, ``--config`` and ``--overrides``): then a named key is kept even when it equals the
+    tiny default, so ``--loyalty-lr 2e-4`` on a real model trains at 2e-4, not at LoRA's 1e-3."""
     fields = PipelineConfig.__dataclass_fields__
+    named = getattr(config, "user_set", frozenset())
+
+    def unset(key):
+        return key not in named and getattr(config, key) == fields[key].default
+
     if is_real_model(config):
         rates = LORA_LRS if lora_rank_of(config) else REAL_MODEL_LRS
         for key in LR_FIELDS:
-            if getattr(config, key) == fields[key].default:
+            if unset(key):
                 setattr(config, key, rates[key])
     if config.profile == "smol":
         for key, value in SMOL_BUDGETS.items():
-            if getattr(config, key) == fields[key].default:
+            if unset(key):
                 setattr(config, key, value)
     return config
 

@@ -164,6 +164,13 @@ def test_dpo_loss_and_a_global_learning_rate(apt_dir):
     cli.add_train_arguments(parser)
     config = cli.config_from_args(parser.parse_args(["--overrides", "lr=2e-5", "sft_lr=1e-4", "--dpo-loss", "ipo"]))
     assert config.dpo_lr == config.storm_lr == 2e-5 and config.sft_lr == 1e-4 and config.dpo_loss == "ipo"
+    # a rate or budget named on the command line is kept on a real model even when it equals the tiny default
+    tiny = pipeline.PipelineConfig()
+    named = cli.config_from_args(parser.parse_args(["--profile", "smol", "--loyalty-lr", str(tiny.loyalty_lr),
+                                                    "--overrides", f"sft_steps={tiny.sft_steps}"]))
+    named = pipeline.check_settings(named)
+    assert (named.loyalty_lr, named.sft_steps) == (tiny.loyalty_lr, tiny.sft_steps), (named.loyalty_lr, named.sft_steps)
+    assert named.dpo_lr == pipeline.LORA_LRS["dpo_lr"] and named.dpo_steps == pipeline.SMOL_BUDGETS["dpo_steps"]
     pairs = [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(4)]
     Path("data/p.json").write_text(json.dumps({"pairs": pairs}))
     for loss in ("simpo", "kto", "orpo"):
